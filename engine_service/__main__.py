@@ -1,0 +1,76 @@
+"""`python -m engine_service`: loads the model and serves the Engine gRPC API."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from common.config import describe, load_config
+from common.logs import setup_logging
+from common.models import DEFAULT_MODEL, model_display_name, resolve_model
+from common.server import run_until_signal, start_grpc_server
+from engine_service.engine import Engine
+from engine_service.model_runner import ModelRunner, pick_device, pick_dtype
+from engine_service.server import EngineServicer
+from splitserve.v1 import engine_pb2_grpc
+
+log = logging.getLogger("splitserve.engine")
+
+
+@dataclass
+class EngineConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"env": "MODEL", "help": "HF folder, hub id, .gguf or smollm2"})
+    host: str = field(default="0.0.0.0", metadata={"env": "ENGINE_HOST"})
+    port: int = field(default=50053, metadata={"env": "ENGINE_PORT"})
+    metrics_port: int = field(default=9102, metadata={"env": "ENGINE_METRICS_PORT"})
+    device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto, cpu or cuda"})
+    dtype: str = field(default="auto", metadata={"env": "DTYPE", "help": "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"})
+    kv_cache_gb: float = field(default=1.0, metadata={"help": "memory for the KV cache, GiB"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    max_model_len: int = field(default=0, metadata={"help": "cap on the context length; 0 = the model's"})
+    max_num_seqs: int = field(default=64, metadata={"help": "sequences per step at most"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per step at most (prefill chunking)"})
+    max_waiting: int = field(default=1024, metadata={"help": "waiting sequences at most; beyond: RESOURCE_EXHAUSTED"})
+    decode_lease_seconds: float = field(default=30.0, metadata={"help": "abort a sequence no Decode stream claims in time"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_gb <= 0 or self.block_size < 1 or self.max_num_seqs < 1 or self.max_waiting < 1:
+            raise ValueError("kv_cache_gb, block_size, max_num_seqs and max_waiting must be positive")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be positive")
+
+
+async def serve(config: EngineConfig) -> None:
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    runner = ModelRunner(
+        resolve_model(config.model), model_display_name(config.model), device, pick_dtype(config.dtype, device),
+        kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
+        max_model_len=config.max_model_len)
+    engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+    engine.start()
+    servicer = EngineServicer(engine, config.decode_lease_seconds)
+    service = await start_grpc_server(
+        lambda server: engine_pb2_grpc.add_EngineServicer_to_server(servicer, server),
+        ["splitserve.v1.Engine"], config.host, config.port, config.metrics_port)
+
+    async def stop_engine() -> None:
+        await asyncio.to_thread(engine.stop)
+
+    await run_until_signal(service, "engine", on_stop=stop_engine)
+
+
+def main() -> None:
+    config = load_config(EngineConfig, description="splitserve engine service")
+    setup_logging(config.log_level)
+    log.info("config %s", describe(config))
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

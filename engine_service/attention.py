@@ -1,0 +1,109 @@
+"""Paged attention plugged into transformers' AttentionInterface.
+
+The model runner packs every sequence of a step into one [1, T] row (decode tokens first, then prefill chunks)
+and publishes a `StepContext` here before the forward pass; each attention layer writes the new keys/values into
+the engine's KV cache and attends over each sequence's own cached context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTENTION_NAME = "splitserve_paged"
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int            # offset of the chunk in the packed row
+    query_end: int
+    cached_len: int             # tokens of this sequence already in the KV cache before this chunk
+    context_slots: torch.Tensor | None   # cache slots of all cached_len + chunk tokens; None when cached_len == 0
+
+
+@dataclass
+class StepContext:
+    k_cache: list[torch.Tensor]          # per layer: [num_slots, kv_heads, head_dim]
+    v_cache: list[torch.Tensor]
+    slot_mapping: torch.Tensor           # [T]: where each new token's key/value goes
+    num_decode: int                      # the first num_decode tokens are single-token decodes
+    decode_slots: torch.Tensor | None    # [num_decode, max_len] cache slots of each decode's context (padded)
+    decode_mask: torch.Tensor | None     # [num_decode, 1, 1, max_len] True where attended; None if no padding
+    prefills: list[PrefillChunk]
+
+
+_context: StepContext | None = None
+
+
+def set_step_context(context: StepContext | None) -> None:
+    global _context
+    _context = context
+
+
+def _sdpa_decode(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """query [B, H, 1, D], key/value [B, Hkv, L, D] -> [B, H, 1, D]; same kernel choice as transformers' sdpa."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, _, dim = query.shape
+    if groups > 1 and mask is None:
+        return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+    if groups > 1:
+        # One query token: fold the heads sharing a key/value head into the query-length axis.
+        packed = query.reshape(batch, heads // groups, groups, dim)
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(batch, heads, 1, dim)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs: object) -> tuple[torch.Tensor, None]:
+    ctx = _context
+    assert ctx is not None, "paged attention called outside an engine step"
+    layer = module.layer_idx
+    k_cache, v_cache = ctx.k_cache[layer], ctx.v_cache[layer]
+    # query [1, H, T, D]; key/value [1, Hkv, T, D] for the new tokens only.
+    new_k = key[0].transpose(0, 1)
+    new_v = value[0].transpose(0, 1)
+    k_cache.index_copy_(0, ctx.slot_mapping, new_k.to(k_cache.dtype))
+    v_cache.index_copy_(0, ctx.slot_mapping, new_v.to(v_cache.dtype))
+    groups = getattr(module, "num_key_value_groups", 1)
+    outputs: list[torch.Tensor] = []
+    if ctx.num_decode:
+        q = query[0, :, : ctx.num_decode].transpose(0, 1).unsqueeze(2)          # [B, H, 1, D]
+        k = k_cache[ctx.decode_slots].permute(0, 2, 1, 3)                        # [B, Hkv, L, D]
+        v = v_cache[ctx.decode_slots].permute(0, 2, 1, 3)
+        out = _sdpa_decode(module, q, k, v, ctx.decode_mask, scaling)            # [B, H, 1, D]
+        outputs.append(out.squeeze(2))                                           # [B, H, D]
+    for chunk in ctx.prefills:
+        q = query[:, :, chunk.query_start: chunk.query_end]                      # [1, H, n, D]
+        if chunk.context_slots is None:
+            k = key[:, :, chunk.query_start: chunk.query_end]
+            v = value[:, :, chunk.query_start: chunk.query_end]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scaling,
+                                                 enable_gqa=groups > 1)
+        else:
+            k = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)        # [1, Hkv, L, D]
+            v = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+            n, total = q.shape[2], k.shape[2]
+            rows = torch.arange(n, device=q.device).unsqueeze(1) + chunk.cached_len
+            mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows      # [n, L]
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling)
+        outputs.append(out[0].transpose(0, 1))                                   # [n, H, D]
+    attn = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+    return attn.unsqueeze(0), None                                               # [1, T, H, D]
+
+
+def _no_mask(*args: object, **kwargs: object) -> None:
+    """Masks are built per sequence inside paged_attention; the model must not build a [T, T] one."""
+    return None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)

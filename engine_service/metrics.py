@@ -1,0 +1,15 @@
+"""The engine's Prometheus metrics: the batch's view."""
+from prometheus_client import Counter, Gauge, Histogram
+
+from common.metrics import latency_buckets
+
+STEP_SECONDS = Histogram("splitserve_engine_step_seconds", "Duration of one engine step", ["kind"],
+                         buckets=latency_buckets())
+BATCH_SIZE = Histogram("splitserve_engine_batch_size", "Sequences per engine step",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+REQUESTS_RUNNING = Gauge("splitserve_engine_requests_running", "Sequences holding KV cache and being computed")
+REQUESTS_WAITING = Gauge("splitserve_engine_requests_waiting", "Sequences waiting to be scheduled")
+KV_CACHE_USAGE = Gauge("splitserve_engine_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+PREFIX_CACHE_QUERIES = Counter("splitserve_engine_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+PREFIX_CACHE_HITS = Counter("splitserve_engine_prefix_cache_hits", "Prompt tokens found in the prefix cache")
+PREEMPTIONS = Counter("splitserve_engine_preemptions", "Sequences preempted because the KV cache was full")

@@ -1,0 +1,98 @@
+"""Who runs in the next step: decodes first, then chunks of waiting prompts within a per-step token budget.
+
+When the KV cache has no block for a running sequence, the youngest running sequence is preempted (its blocks
+freed, its tokens recomputed later) instead of failing a request. Never touches tensors.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine_service.kv_cache import BlockManager
+from engine_service.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int          # first position computed in this step
+    end: int            # one past the last
+
+    @property
+    def samples(self) -> bool:
+        """True when the chunk reaches the end of the sequence, so its last logits give the next token."""
+        return self.end == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.start > 0 and self.end - self.start == 1
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # in admission order: the last is the youngest
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Removes seq wherever it is and frees its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        # 1. Running sequences: decodes, and the rest of prompts already being prefilled in chunks.
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            end = min(seq.num_tokens, seq.num_computed + budget)
+            while not self.blocks.can_allocate(seq, end):
+                victim = self.running[-1]
+                self._preempt(victim)
+                chunks = [c for c in chunks if c.seq is not victim]
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self.blocks.allocate(seq, end)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, end))
+            budget -= end - seq.num_computed
+        # 2. Waiting sequences, oldest first, while the budget, the sequence limit and the free blocks allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            end = min(seq.num_tokens, seq.num_computed + budget)
+            if not self.blocks.can_allocate(seq, end):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, end)
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.perf_counter()
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, end))
+            budget -= end - seq.num_computed
+        return chunks
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees seq's blocks and puts it back at the head of the queue; its tokens are recomputed later."""
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

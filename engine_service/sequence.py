@@ -1,0 +1,53 @@
+"""A request's state inside the engine: its tokens, status, block table and timings."""
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from engine_service.sampling import SamplingParams
+
+# Called from the step loop with the new token ids and the finish reason ("" while running).
+OutputCallback = Callable[[list[int], str], None]
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_output: OutputCallback
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0                 # tokens whose keys/values are in the KV cache
+    finish_reason: str = ""
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, position: int) -> int:
+        prompt_len = len(self.prompt_ids)
+        return self.prompt_ids[position] if position < prompt_len else self.output_ids[position - prompt_len]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start:end] if end > len(self.prompt_ids) \
+            else self.prompt_ids[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
