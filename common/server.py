@@ -26,10 +26,11 @@ class GrpcService:
     """A running gRPC server with its health servicer, so callers can flip serving status."""
 
     def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int,
-                 service_names: list[str]) -> None:
+                 metrics_port: int | None, service_names: list[str]) -> None:
         self.server = server
         self.health = health_servicer
         self.port = port
+        self.metrics_port = metrics_port
         self.service_names = service_names
 
     async def set_serving(self, serving: bool) -> None:
@@ -55,10 +56,12 @@ async def start_grpc_server(
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
+    bound_metrics = None
     if metrics_port is not None and metrics_port >= 0:
-        prometheus_client.start_http_server(metrics_port, addr=host)
+        http_server, _ = prometheus_client.start_http_server(metrics_port, addr=host)
+        bound_metrics = http_server.server_port
     await server.start()
-    service = GrpcService(server, health_servicer, bound, names)
+    service = GrpcService(server, health_servicer, bound, bound_metrics, names)
     await service.set_serving(True)
     return service
 
@@ -70,12 +73,11 @@ async def run_until_signal(service: GrpcService, name: str, on_stop: Callable[[]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("serving %s", kv(service=name, port=service.port))
-    print(f"READY {name} port={service.port}", flush=True)
+    log.info("serving %s", kv(service=name, port=service.port, metrics_port=service.metrics_port))
     await stop.wait()
     log.info("stopping %s", kv(service=name))
     await service.set_serving(False)
+    await service.server.stop(grace_seconds)   # in-flight RPCs get the grace period, then are cancelled
     if on_stop is not None:
         await on_stop()
-    await service.server.stop(grace_seconds)
     log.info("stopped %s", kv(service=name))

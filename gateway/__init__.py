@@ -1,0 +1,1 @@
+"""The gateway: the public entry point that orchestrates tokenize -> prefill -> decode -> detokenize."""

@@ -1,0 +1,30 @@
+"""One error type for everything the gateway answers with a status; both front doors map it in one place."""
+from __future__ import annotations
+
+import grpc
+
+
+class GatewayError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, service: str, address: str) -> GatewayError:
+    """Maps a downstream failure to what the client should see, naming the service that failed."""
+    code = error.code()
+    detail = error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return GatewayError(code, f"the {service} service at {address} is unavailable: {detail}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GatewayError(code, "the request's deadline expired")
+    if code == grpc.StatusCode.CANCELLED:
+        return GatewayError(code, "the request was cancelled")
+    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        return GatewayError(grpc.StatusCode.INTERNAL, f"the {service} service failed: {detail}")
+    return GatewayError(code, detail)
