@@ -18,6 +18,14 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: torch.Tensor, pena
     logits.scatter_(0, token_ids, scores)
 
 
+def apply_presence_frequency(logits: torch.Tensor, output_ids: list[int], presence: float, frequency: float) -> None:
+    """In place, on one row, OpenAI's definition: over generated tokens only."""
+    if not output_ids:
+        return
+    tokens, counts = torch.tensor(output_ids, device=logits.device).unique(return_counts=True)
+    logits.index_add_(0, tokens, -(presence + frequency * counts.to(logits.dtype)))
+
+
 def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     if top_k <= 0 or top_k >= logits.shape[-1]:
         return logits
@@ -66,6 +74,9 @@ class Sampler:
             if seq.params.repetition_penalty != 1.0:
                 seen = torch.tensor(seq.prompt_ids + seq.output_ids, device=logits.device).unique()
                 apply_repetition_penalty(logits[i], seen, seq.params.repetition_penalty)
+            if seq.params.presence_penalty or seq.params.frequency_penalty:
+                apply_presence_frequency(logits[i], seq.output_ids, seq.params.presence_penalty,
+                                         seq.params.frequency_penalty)
         tokens = [0] * len(seqs)
         if greedy_rows:
             index = torch.tensor(greedy_rows, device=logits.device)
