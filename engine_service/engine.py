@@ -11,6 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from common.logs import kv
 from engine_service import metrics
 from engine_service.model_runner import ModelRunner
@@ -135,6 +137,7 @@ class Engine:
                 if seq is not None:
                     self._finish(seq, "abort")
 
+    @torch.inference_mode()
     def step(self) -> None:
         chunks = self.scheduler.schedule()
         if not chunks:

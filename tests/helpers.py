@@ -1,0 +1,74 @@
+"""Small helpers shared by the integration and end-to-end tests."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+@dataclass
+class Streamed:
+    chunks: list[gateway_pb2.GenerateResponse]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for c in self.chunks for t in c.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.chunks)
+
+    @property
+    def last(self) -> gateway_pb2.GenerateResponse:
+        return self.chunks[-1]
+
+
+def make_request(prompt: str | list[tuple[str, str]], **sampling: object) -> gateway_pb2.GenerateRequest:
+    request = gateway_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(**sampling))
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.messages.extend(common_pb2.ChatMessage(role=r, content=c) for r, c in prompt)
+    return request
+
+
+def stream(stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.GenerateRequest,
+           timeout: float | None = 120) -> Streamed:
+    return Streamed(list(stub.Generate(request, timeout=timeout)))
+
+
+def stream_all(stub: gateway_pb2_grpc.GatewayStub, requests: list[gateway_pb2.GenerateRequest],
+               concurrency: int = 8) -> list[Streamed]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda r: stream(stub, r), requests))
+
+
+def prompt_ids(tokenizer, prompt: str | list[tuple[str, str]]) -> list[int]:
+    """The ids the tokenizer service makes for a prompt or chat: what `generate` gets as input."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt).input_ids
+    messages = [{"role": r, "content": c} for r, c in prompt]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def reference_greedy(model, ids: list[int], max_new_tokens: int, **generate_kwargs: object) -> list[int]:
+    """transformers' own greedy decoding, stopping at the model's EOS like the engine does."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def rpc_error(call) -> grpc.RpcError:
+    """Runs a call expected to fail and returns its error."""
+    try:
+        result = call()
+        if hasattr(result, "__iter__"):
+            list(result)
+    except grpc.RpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded but should have failed")
