@@ -1,0 +1,162 @@
+"""TokenizerServicer over a real grpc.aio server on 127.0.0.1: statuses, the Detokenize stream, metrics."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import prometheus_client
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.models import resolve_model
+from common.server import start_grpc_server
+from splitserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from tokenizer_service.__main__ import SERVICE_NAME
+from tokenizer_service.server import INLINE_PROMPT_CHARS, TokenizerServicer
+from tokenizer_service.tokenizer import PromptTokenizer
+
+Stub = tokenizer_pb2_grpc.TokenizerStub
+LONG_PROMPT = "A long prompt, longer than the inline limit. " * (INLINE_PROMPT_CHARS // 40)
+
+
+@pytest.fixture(scope="module")
+def prompt_tokenizer() -> PromptTokenizer:
+    return PromptTokenizer(resolve_model("smollm2"), name="SmolLM2-135M-Instruct")
+
+
+@pytest.fixture
+def call(prompt_tokenizer: PromptTokenizer) -> Callable[[Callable[[Stub], Awaitable]], object]:
+    """Runs a client coroutine against a fresh in-process server (port 0) and returns its result."""
+    def run(scenario: Callable[[Stub], Awaitable]):
+        async def main():
+            service = await start_grpc_server(
+                lambda server: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(
+                    TokenizerServicer(prompt_tokenizer), server),
+                [SERVICE_NAME], "127.0.0.1", 0, None)
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                    return await scenario(Stub(channel)), await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            finally:
+                await service.server.stop(None)
+        result, health = asyncio.run(main())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        return result
+    return run
+
+
+def samples(op: str) -> float:
+    return prometheus_client.REGISTRY.get_sample_value("splitserve_tokenizer_seconds_count", {"op": op}) or 0.0
+
+
+def test_tokenize_a_prompt_and_a_chat(call, prompt_tokenizer: PromptTokenizer) -> None:
+    before = samples("tokenize")
+
+    async def scenario(stub: Stub):
+        prompt = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(prompt="Hello 你好"))
+        chat = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(
+            messages=[common_pb2.ChatMessage(role="user", content="Hi")]))
+        long = await stub.Tokenize(tokenizer_pb2.TokenizeRequest(prompt=LONG_PROMPT))  # encoded off the loop
+        return list(prompt.token_ids), list(chat.token_ids), list(long.token_ids)
+
+    prompt_ids, chat_ids, long_ids = call(scenario)
+    assert prompt_ids == prompt_tokenizer.encode_prompt("Hello 你好")
+    assert chat_ids == prompt_tokenizer.encode_chat([("user", "Hi")])
+    assert long_ids == prompt_tokenizer.encode_prompt(LONG_PROMPT)
+    assert samples("tokenize") == before + 3
+
+
+@pytest.mark.parametrize("request_, message", [
+    (tokenizer_pb2.TokenizeRequest(), "exactly one of prompt or messages"),
+    (tokenizer_pb2.TokenizeRequest(prompt="x", messages=[common_pb2.ChatMessage(role="user", content="y")]),
+     "exactly one of prompt or messages"),
+    (tokenizer_pb2.TokenizeRequest(messages=[common_pb2.ChatMessage(role="wizard", content="y")]), "'wizard'"),
+], ids=["neither", "both", "unknown-role"])
+def test_bad_tokenize_requests_are_invalid_argument(call, request_, message: str) -> None:
+    async def scenario(stub: Stub):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Tokenize(request_)
+        return caught.value
+
+    error = call(scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details()
+
+
+def test_detokenize_streams_one_response_per_message_in_order(call, prompt_tokenizer: PromptTokenizer) -> None:
+    text = "Sure! 你好 🙂 done."
+    ids = prompt_tokenizer.tokenizer(text, add_special_tokens=False).input_ids + prompt_tokenizer.eos_token_ids
+    chunks = [ids[i:i + 2] for i in range(0, len(ids), 2)]
+    before = samples("detokenize")
+
+    async def scenario(stub: Stub):
+        stream = stub.Detokenize()
+        texts = []
+        for index, chunk in enumerate(chunks):  # lock-step, as the gateway drives it
+            await stream.write(tokenizer_pb2.DetokenizeRequest(token_ids=chunk, final=index == len(chunks) - 1))
+            texts.append((await stream.read()).text)
+        await stream.done_writing()
+        assert await stream.read() is grpc.aio.EOF
+        return texts
+
+    texts = call(scenario)
+    assert len(texts) == len(chunks) and "".join(texts) == text
+    assert samples("detokenize") == before + len(chunks)
+
+
+@pytest.mark.parametrize("requests, message", [
+    ([tokenizer_pb2.DetokenizeRequest(token_ids=[10**6])], "outside the vocabulary"),
+    ([tokenizer_pb2.DetokenizeRequest(token_ids=[42], final=True), tokenizer_pb2.DetokenizeRequest(token_ids=[42])],
+     "already finished"),
+], ids=["out-of-vocab", "after-final"])
+def test_bad_detokenize_messages_end_the_stream_with_invalid_argument(call, requests, message: str) -> None:
+    async def scenario(stub: Stub):
+        stream = stub.Detokenize(iter(requests))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream:
+                pass
+        return caught.value
+
+    error = call(scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details()
+
+
+def test_get_info(call, prompt_tokenizer: PromptTokenizer) -> None:
+    async def scenario(stub: Stub):
+        return await stub.GetInfo(tokenizer_pb2.GetTokenizerInfoRequest())
+
+    info = call(scenario)
+    assert (info.name, info.vocab_size, list(info.eos_token_ids), info.has_chat_template) == (
+        "SmolLM2-135M-Instruct", 49152, [2], True)
+
+
+def test_main_serves_on_free_ports_and_stops_on_sigterm(tmp_path) -> None:
+    """`python -m tokenizer_service --port 0 --metrics-port 0` binds free ports, serves, and exits 0 on SIGTERM."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    log_file = tmp_path / "tokenizer.log"
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tokenizer_service", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+             "--model", resolve_model("smollm2")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := re.search(r"serving .* port=(\d+) metrics_port=(\d+)", log_file.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.1)
+        port, metrics_port = int(found[1]), int(found[2])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = tokenizer_pb2_grpc.TokenizerStub(channel).GetInfo(tokenizer_pb2.GetTokenizerInfoRequest())
+            assert info.vocab_size == 49152
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert b"splitserve_tokenizer_seconds" in response.read()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
