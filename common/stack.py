@@ -74,6 +74,8 @@ class Stack:
     engine_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None        # None: the services write to this process's stdout/stderr
+    tokenizer_address: str = ""        # the gateway's upstreams: default, this stack's own services
+    engine_address: str = ""
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,8 +89,9 @@ class Stack:
                                          *self.engine_args], p.engine),
             "gateway": Service("gateway", ["-m", "gateway", *common, "--port", str(p.gateway),
                                            "--metrics-port", str(p.gateway_metrics),
-                                           "--tokenizer-address", f"127.0.0.1:{p.tokenizer}",
-                                           "--engine-address", f"127.0.0.1:{p.engine}", *self.gateway_args],
+                                           "--tokenizer-address", self.tokenizer_address or f"127.0.0.1:{p.tokenizer}",
+                                           "--engine-address", self.engine_address or f"127.0.0.1:{p.engine}",
+                                           *self.gateway_args],
                                p.gateway),
         }
 

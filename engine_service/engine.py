@@ -174,6 +174,7 @@ class Engine:
             return
         self.scheduler.finish(seq, reason)
         self._live.pop(seq.request_id, None)
+        metrics.REQUESTS_FINISHED.labels(finish_reason=reason).inc()
         seq.on_output(last_tokens or [], reason)
 
     def _publish_gauges(self) -> None:

@@ -12,4 +12,5 @@ REQUESTS_WAITING = Gauge("splitserve_engine_requests_waiting", "Sequences waitin
 KV_CACHE_USAGE = Gauge("splitserve_engine_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
 PREFIX_CACHE_QUERIES = Counter("splitserve_engine_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
 PREFIX_CACHE_HITS = Counter("splitserve_engine_prefix_cache_hits", "Prompt tokens found in the prefix cache")
+REQUESTS_FINISHED = Counter("splitserve_engine_requests_finished", "Sequences that left the engine", ["finish_reason"])
 PREEMPTIONS = Counter("splitserve_engine_preemptions", "Sequences preempted because the KV cache was full")

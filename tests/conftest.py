@@ -13,7 +13,7 @@ from common.models import resolve_model
 from common.stack import Ports, Stack
 from splitserve.v1 import engine_pb2_grpc, gateway_pb2_grpc
 
-TINY_CONTEXT = 512
+TINY_CONTEXT = 2048
 
 
 def build_tiny_llama(folder: Path) -> Path:

@@ -27,8 +27,9 @@ class Streamed:
         return self.chunks[-1]
 
 
-def make_request(prompt: str | list[tuple[str, str]], **sampling: object) -> gateway_pb2.GenerateRequest:
-    request = gateway_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(**sampling))
+def make_request(prompt: str | list[tuple[str, str]], request_id: str = "",
+                 **sampling: object) -> gateway_pb2.GenerateRequest:
+    request = gateway_pb2.GenerateRequest(request_id=request_id, sampling=common_pb2.SamplingParams(**sampling))
     if isinstance(prompt, str):
         request.prompt = prompt
     else:
