@@ -5,10 +5,10 @@ import math
 import uuid
 from dataclasses import dataclass
 
+from common.chat import CHAT_ROLES
 from gateway.errors import invalid
 from splitserve.v1 import common_pb2, gateway_pb2
 
-CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 DEFAULT_MAX_TOKENS = 256
 MAX_REQUEST_ID_CHARS = 128
 

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 import jinja2
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from common.chat import CHAT_ROLES
 from tokenizer_service.detokenizer import IncrementalDetokenizer
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class TokenizerInputError(ValueError):
