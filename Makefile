@@ -28,11 +28,12 @@ protos: $(STUBS)
 run: $(STUBS)
 	MODEL=$(MODEL) DEVICE=$(DEVICE) $(PY) -m common.stack
 
+# Models are read from local folders only: nothing is fetched from a hub during tests.
 test: $(STUBS)
-	$(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STUBS)
-	$(PY) -m pytest -m "not e2e"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not e2e"
 
 bench: $(STUBS)
 	$(PY) -m bench
