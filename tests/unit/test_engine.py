@@ -1,0 +1,130 @@
+"""The engine in-process (no gRPC) on the tiny Llama: chunked prefill, preemption and aborts keep greedy output
+identical to transformers and leave no KV block behind."""
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from engine_service.engine import Engine, EngineFullError, RequestError
+from engine_service.model_runner import ModelRunner
+from engine_service.sampling import SamplingParams
+from tests.helpers import reference_greedy
+
+BLOCK_BYTES = 16 * 2 * 2 * 2 * 16 * 4   # tokens * (k, v) * layers * kv_heads * head_dim * fp32
+
+
+class Collector:
+    """Gathers each request's tokens and finish reason from the step loop's callbacks."""
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, list[int]] = {}
+        self.reasons: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+
+    def callback(self, request_id: str):
+        self.tokens[request_id] = []
+
+        def on_output(token_ids: list[int], reason: str) -> None:
+            with self.lock:
+                self.tokens[request_id].extend(token_ids)
+                if reason:
+                    self.reasons[request_id] = reason
+                    self.done.notify_all()
+        return on_output
+
+    def wait(self, count: int, timeout: float = 120) -> None:
+        with self.lock:
+            assert self.done.wait_for(lambda: len(self.reasons) >= count, timeout), self.reasons
+
+
+def make_engine(model_dir, kv_blocks: int = 4096, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
+                max_waiting: int = 1000) -> Engine:
+    runner = ModelRunner(str(model_dir), "tiny", torch.device("cpu"), torch.float32,
+                         kv_cache_bytes=kv_blocks * BLOCK_BYTES, block_size=16, max_model_len=0)
+    assert runner.blocks.num_blocks == kv_blocks
+    engine = Engine(runner, max_num_seqs, max_num_batched_tokens, max_waiting)
+    engine.start()
+    return engine
+
+
+@pytest.fixture
+def prompts(tokenizer) -> list[list[int]]:
+    rng = random.Random(0)
+    texts = ["The capital of France is", "def add(a, b):", "你好，世界", "Once upon a time " * 12]
+    return [tokenizer(t).input_ids for t in texts] + [[rng.randrange(3, 49152) for _ in range(n)] for n in (70, 33)]
+
+
+def run_all(engine: Engine, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
+    collector = Collector()
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=max_tokens), collector.callback(f"r{i}"))
+    collector.wait(len(prompts))
+    return {rid: collector.tokens[rid] for rid in sorted(collector.tokens)}
+
+
+def expected(tiny_model, prompts: list[list[int]], max_tokens: int) -> dict[str, list[int]]:
+    return {f"r{i}": reference_greedy(tiny_model, ids, max_tokens) for i, ids in enumerate(prompts)}
+
+
+def test_prompts_longer_than_the_step_budget_are_prefilled_in_chunks(tiny_model_dir, tiny_model, prompts):
+    engine = make_engine(tiny_model_dir, max_num_batched_tokens=16)
+    try:
+        assert max(len(p) for p in prompts) > 16
+        assert run_all(engine, prompts, 20) == expected(tiny_model, prompts, 20)
+        assert engine.stats().kv_blocks_used == 0
+    finally:
+        engine.stop()
+
+
+def test_a_full_kv_cache_preempts_and_every_request_still_completes(tiny_model_dir, tiny_model, prompts):
+    # 24 blocks = 384 token slots for 6 sequences that need ~100 to ~230 each: only some fit at once.
+    engine = make_engine(tiny_model_dir, kv_blocks=24)
+    try:
+        assert run_all(engine, prompts, 60) == expected(tiny_model, prompts, 60)
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.stats().kv_blocks_used == 0
+    finally:
+        engine.stop()
+
+
+def test_random_aborts_leave_no_block_in_use(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, kv_blocks=256, max_num_batched_tokens=64)
+    rng = random.Random(1)
+    collector = Collector()
+    try:
+        for i in range(300):
+            ids = [rng.randrange(3, 49152) for _ in range(rng.randint(1, 80))]
+            engine.add_request(f"a{i}", ids, SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=True),
+                               collector.callback(f"a{i}"))
+            if rng.random() < 0.5:
+                engine.abort(f"a{rng.randint(0, i)}")
+        collector.wait(300)
+        assert set(collector.reasons.values()) <= {"abort", "length"}
+        assert "abort" in collector.reasons.values()
+        stats = engine.stats()
+        assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
+    finally:
+        engine.stop()
+
+
+def test_requests_the_engine_cannot_take(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, max_waiting=1)
+    try:
+        with pytest.raises(RequestError):
+            engine.add_request("x", [], SamplingParams(), lambda ids, reason: None)
+        with pytest.raises(RequestError):
+            engine.add_request("x", [49152], SamplingParams(), lambda ids, reason: None)
+        with pytest.raises(RequestError, match="context"):
+            engine.add_request("x", [5] * 4096, SamplingParams(), lambda ids, reason: None)
+        with pytest.raises(ValueError, match="top_p"):
+            engine.add_request("x", [5], SamplingParams(top_p=0.0), lambda ids, reason: None)
+        engine.stop()  # nothing drains the queue now: the bound is reached at once
+        engine.add_request("y", [5], SamplingParams(), lambda ids, reason: None)
+        with pytest.raises(EngineFullError):
+            engine.add_request("z", [5], SamplingParams(), lambda ids, reason: None)
+    finally:
+        engine.stop()
