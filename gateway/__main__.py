@@ -1,4 +1,5 @@
-"""`python -m gateway`: serves the public Gateway gRPC API in front of the tokenizer and engine services."""
+"""`python -m gateway`: serves the public Gateway gRPC API and the OpenAI-compatible HTTP API in front of the
+tokenizer and engine services."""
 from __future__ import annotations
 
 import asyncio
@@ -6,10 +7,14 @@ import logging
 from dataclasses import dataclass, field
 
 from common.config import describe, load_config
-from common.logs import setup_logging
+from common.logs import kv, setup_logging
 from common.server import run_until_signal, start_grpc_server
+from gateway.admission import Admission
+from gateway.openai_api import OpenAIServer
 from gateway.pipeline import Pipeline
+from gateway.router import RouterSettings
 from gateway.server import GatewayServicer
+from gateway.service import GatewayService
 from gateway.validation import Limits
 from splitserve.v1 import gateway_pb2_grpc
 
@@ -22,20 +27,55 @@ class GatewayConfig:
     port: int = field(default=50051, metadata={"env": "GATEWAY_PORT"})
     metrics_port: int = field(default=9100, metadata={"env": "GATEWAY_METRICS_PORT"})
     tokenizer_address: str = field(default="127.0.0.1:50052", metadata={"help": "host:port of the tokenizer service"})
-    engine_address: str = field(default="127.0.0.1:50053", metadata={"help": "host:port of the engine service"})
+    engine_address: str = field(default="127.0.0.1:50053", metadata={
+        "help": "engine service(s): host:port, a comma-separated list, or dns:///name:port (one engine per address)"})
+    engine_health_interval: float = field(default=1.0, metadata={"help": "seconds between engine health checks"})
+    router_balance_slack: int = field(default=16, metadata={
+        "help": "send to the engine holding the prompt's prefix while it has at most this many more requests"})
     max_stop_strings: int = field(default=16, metadata={"help": "stop strings per request at most"})
     max_stop_string_chars: int = field(default=256, metadata={"help": "characters per stop string at most"})
+    http_port: int = field(default=8000, metadata={"help": "port of the OpenAI-compatible HTTP API (-1: off)"})
+    served_model_name: str = field(default="", metadata={"help": "the HTTP API's model id (default: the engine's)"})
+    max_concurrent_requests: int = field(default=256, metadata={"help": "requests served at once, both APIs"})
+    max_waiting_requests: int = field(default=1024, metadata={
+        "help": "requests queued for a slot; past that RESOURCE_EXHAUSTED / HTTP 429 at once"})
+    request_timeout_seconds: float = field(default=600.0, metadata={
+        "help": "deadline of every request (a gRPC client's shorter deadline wins); 0: none"})
+    max_prompt_chars: int = field(default=1_000_000, metadata={"help": "characters of prompt or messages at most"})
+    max_prompt_tokens: int = field(default=0, metadata={"help": "prompt tokens at most (0: the model's context)"})
+    max_output_tokens: int = field(default=0, metadata={"help": "max_tokens at most (0: the model's context)"})
+    max_message_bytes: int = field(default=16 * 1024 * 1024, metadata={
+        "help": "largest gRPC message / HTTP body accepted"})
+    shutdown_grace_seconds: float = field(default=20.0, metadata={
+        "help": "on SIGTERM, in-flight requests get this long to finish before they are cancelled"})
     log_level: str = "INFO"
 
 
 async def serve(config: GatewayConfig) -> None:
-    pipeline = Pipeline(config.tokenizer_address, config.engine_address)
-    servicer = GatewayServicer(pipeline, Limits(max_stop_strings=config.max_stop_strings,
-                                                max_stop_string_chars=config.max_stop_string_chars))
+    pipeline = Pipeline(config.tokenizer_address, config.engine_address,
+                        RouterSettings(health_interval=config.engine_health_interval,
+                                       balance_slack=config.router_balance_slack))
+    limits = Limits(max_stop_strings=config.max_stop_strings, max_stop_string_chars=config.max_stop_string_chars,
+                    max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens,
+                    max_output_tokens=config.max_output_tokens)
+    gateway = GatewayService(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
+                             config.request_timeout_seconds or None)
+    servicer = GatewayServicer(gateway)
     service = await start_grpc_server(
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
-        ["splitserve.v1.Gateway"], config.host, config.port, config.metrics_port)
-    await run_until_signal(service, "gateway", on_stop=pipeline.close)
+        ["splitserve.v1.Gateway"], config.host, config.port, config.metrics_port, config.max_message_bytes)
+    http = OpenAIServer(gateway, config.served_model_name, config.max_message_bytes, config.shutdown_grace_seconds)
+    if config.http_port >= 0:
+        http_port = await http.start(config.host, config.http_port)
+        log.info("serving the OpenAI API %s", kv(http_port=http_port))
+
+    async def drain() -> None:   # beside the gRPC server's own drain
+        gateway.start_draining()
+        if http.port is not None:
+            await http.stop()
+
+    await run_until_signal(service, "gateway", on_stop=pipeline.close, grace_seconds=config.shutdown_grace_seconds,
+                           on_drain=drain)
 
 
 def main() -> None:

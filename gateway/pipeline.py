@@ -14,9 +14,10 @@ from common.logs import kv
 from common.server import GRPC_OPTIONS
 from gateway import metrics
 from gateway.errors import GatewayError, from_rpc_error
+from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
 from gateway.validation import ValidRequest, fit_max_tokens
-from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from splitserve.v1 import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 log = logging.getLogger("splitserve.gateway.pipeline")
 
@@ -38,6 +39,7 @@ class Timings:
     first_chunk: float | None = None
     last_token: float | None = None
     engine_running: bool = False      # the engine holds a sequence for this request: abort it if we stop early
+    engine: EngineEndpoint | None = None  # the engine the router chose for this request
 
     def observe(self) -> None:
         for phase, seconds in self.phases.items():
@@ -45,26 +47,34 @@ class Timings:
 
 
 class Pipeline:
-    def __init__(self, tokenizer_address: str, engine_address: str) -> None:
+    def __init__(self, tokenizer_address: str, engine_address: str,
+                 router_settings: RouterSettings = RouterSettings()) -> None:
         self.tokenizer_address = tokenizer_address
         self.engine_address = engine_address
         self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=GRPC_OPTIONS)
-        self._engine_channel = grpc.aio.insecure_channel(engine_address, options=GRPC_OPTIONS)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
-        self.engine = engine_pb2_grpc.EngineStub(self._engine_channel)
+        self.router = EngineRouter(engine_address, router_settings)  # one engine or several: see router.py
         self._model_info: common_pb2.ModelInfo | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         await self._tokenizer_channel.close()
-        await self._engine_channel.close()
+        await self.router.close()
 
     async def model_info(self, timeout: float | None = 10.0) -> common_pb2.ModelInfo:
         if self._model_info is None:
-            try:
-                self._model_info = await self.engine.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc, "engine", self.engine_address) from None
+            await self.router.start()
+            candidates = self.router.candidates()
+            for endpoint in candidates:  # any engine will do: they all serve the same model
+                try:
+                    self._model_info = await endpoint.stub.GetModelInfo(common_pb2.GetModelInfoRequest(),
+                                                                        timeout=timeout)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or endpoint is candidates[-1]:
+                        raise from_rpc_error(exc, "engine", endpoint.address) from None
+                    self.router.mark_unavailable(endpoint, "GetModelInfo: UNAVAILABLE")
+        assert self._model_info is not None
         return self._model_info
 
     async def generate(self, request: ValidRequest, deadline: float | None) -> AsyncIterator[Chunk]:
@@ -79,8 +89,10 @@ class Pipeline:
             metrics.E2E_LATENCY.observe(time.perf_counter() - timings.received)
             timings.observe()
         finally:
-            if timings.engine_running:
-                self._abort_in_background(request.request_id)
+            if timings.engine is not None:
+                self.router.release(timings.engine)
+                if timings.engine_running:
+                    self._abort_in_background(request.request_id, timings.engine)
 
     async def _generate(self, request: ValidRequest, deadline: float | None,
                         timings: Timings) -> AsyncIterator[Chunk]:
@@ -109,13 +121,28 @@ class Pipeline:
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
 
         # 2. Prefill: the engine admits the sequence, returns its first token and keeps decoding.
+        #    An engine that is unreachable (or full) before the first token is safe to leave for another one.
         started = time.perf_counter()
-        try:
-            prefill = await self.engine.Prefill(
-                engine_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
-                                          sampling=request.sampling), timeout=remaining())
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "engine", self.engine_address) from None
+        tried: list[str] = []
+        while True:
+            engine = await self.router.pick(prompt_ids, exclude=tried)
+            timings.engine = engine
+            try:
+                prefill = await engine.stub.Prefill(
+                    engine_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
+                                              sampling=request.sampling), timeout=remaining())
+                break
+            except grpc.aio.AioRpcError as exc:
+                retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.router.mark_unavailable(engine, "Prefill: UNAVAILABLE")
+                tried.append(engine.address)
+                if not retry or not self.router.candidates(exclude=tried):
+                    raise from_rpc_error(exc, "engine", engine.address) from None
+                self.router.release(engine)
+                timings.engine = None
+                log.info("prefill retried on another engine %s",
+                         kv(request_id=request.request_id, engine=engine.address, code=exc.code().name))
         prefill_done = time.perf_counter()
         timings.phases["queue"] = prefill.queue_seconds
         timings.phases["prefill"] = max(0.0, prefill_done - started - prefill.queue_seconds)
@@ -127,7 +154,7 @@ class Pipeline:
         completion: list[int] = []
         pending_ids: list[int] = []
         detokenize = self.tokenizer.Detokenize(timeout=remaining())
-        batches = self._token_batches(prefill, request.request_id, remaining)
+        batches = self._token_batches(prefill, request.request_id, remaining, engine)
         try:
             async for token_ids, reason in batches:
                 if reason:
@@ -165,28 +192,30 @@ class Pipeline:
             await batches.aclose()
 
     async def _token_batches(self, prefill: engine_pb2.PrefillResponse, request_id: str,
-                             remaining) -> AsyncIterator[tuple[list[int], str]]:
+                             remaining, engine: EngineEndpoint) -> AsyncIterator[tuple[list[int], str]]:
         """The first token, then the engine's decode stream, as (token_ids, finish_reason) pairs."""
         yield [prefill.token_id], prefill.finish_reason
         if prefill.finish_reason:
             return
-        decode = self.engine.Decode(engine_pb2.DecodeRequest(request_id=request_id), timeout=remaining())
+        decode = engine.stub.Decode(engine_pb2.DecodeRequest(request_id=request_id), timeout=remaining())
         try:
             async for message in decode:
                 yield list(message.token_ids), message.finish_reason
                 if message.finish_reason:
                     return
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "engine", self.engine_address) from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # the engine died mid-stream: the request ends here
+                self.router.mark_unavailable(engine, "Decode: UNAVAILABLE")
+            raise from_rpc_error(exc, "engine", engine.address) from None
         finally:
             decode.cancel()
         raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the engine ended the decode stream without a finish reason")
 
-    def _abort_in_background(self, request_id: str) -> None:
+    def _abort_in_background(self, request_id: str, engine: EngineEndpoint) -> None:
         """Tells the engine to free the sequence; runs even while the request's own task is being cancelled."""
         async def abort() -> None:
             try:
-                await self.engine.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=5)
+                await engine.stub.Abort(engine_pb2.AbortRequest(request_id=request_id), timeout=5)
             except grpc.aio.AioRpcError as exc:
                 log.warning("abort failed %s", kv(request_id=request_id, code=str(exc.code())))
 
