@@ -19,7 +19,19 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Clients ping during calls, so a peer whose machine vanished (no TCP reset) fails its streams in ~30 s;
+    # servers accept those pings (the default would answer them with GOAWAY too_many_pings).
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
+
+
+def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """GRPC_OPTIONS with another message size limit (a larger message is refused with RESOURCE_EXHAUSTED)."""
+    return [(key, max_message_bytes if key.endswith("_message_length") else value) for key, value in GRPC_OPTIONS]
 
 
 class GrpcService:
@@ -45,9 +57,10 @@ async def start_grpc_server(
     host: str,
     port: int,
     metrics_port: int | None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> GrpcService:
     """Binds host:port (0 picks a free port), registers health and reflection, starts /metrics when asked."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=grpc_options(max_message_bytes))
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -67,8 +80,10 @@ async def start_grpc_server(
 
 
 async def run_until_signal(service: GrpcService, name: str, on_stop: Callable[[], Awaitable[None]] | None = None,
-                           grace_seconds: float = 5.0) -> None:
-    """Serves until SIGINT/SIGTERM, then reports NOT_SERVING, runs on_stop and stops with a grace period."""
+                           grace_seconds: float = 5.0, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serves until SIGINT/SIGTERM, then reports NOT_SERVING and stops with a grace period: new RPCs are refused,
+    those in flight get up to grace_seconds, then are cancelled. on_drain (e.g. another front door's own drain)
+    runs at the same time; on_stop runs last."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,7 +92,10 @@ async def run_until_signal(service: GrpcService, name: str, on_stop: Callable[[]
     await stop.wait()
     log.info("stopping %s", kv(service=name))
     await service.set_serving(False)
-    await service.server.stop(grace_seconds)   # in-flight RPCs get the grace period, then are cancelled
+    drains = [service.server.stop(grace_seconds)]   # in-flight RPCs get the grace period, then are cancelled
+    if on_drain is not None:
+        drains.append(on_drain())
+    await asyncio.gather(*drains)
     if on_stop is not None:
         await on_stop()
     log.info("stopped %s", kv(service=name))

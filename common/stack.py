@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO
 
@@ -32,10 +32,11 @@ class Ports:
     tokenizer_metrics: int = 9101
     engine: int = 50053
     engine_metrics: int = 9102
+    gateway_http: int = 8000           # the OpenAI-compatible HTTP API
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(*(free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in fields(cls)))
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Stack:
                                          "--port", str(p.engine), "--metrics-port", str(p.engine_metrics),
                                          *self.engine_args], p.engine),
             "gateway": Service("gateway", ["-m", "gateway", *common, "--port", str(p.gateway),
-                                           "--metrics-port", str(p.gateway_metrics),
+                                           "--metrics-port", str(p.gateway_metrics), "--http-port", str(p.gateway_http),
                                            "--tokenizer-address", self.tokenizer_address or f"127.0.0.1:{p.tokenizer}",
                                            "--engine-address", self.engine_address or f"127.0.0.1:{p.engine}",
                                            *self.gateway_args],
@@ -133,7 +134,7 @@ class Stack:
             self.stop()
             raise
 
-    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         process = self.services[name].process
         if process is None or process.poll() is not None:
             return None if process is None else process.returncode
@@ -169,6 +170,7 @@ def main() -> None:
     print(f"""
 splitserve is up:
   gateway    grpc 127.0.0.1:{p.gateway}   metrics http://127.0.0.1:{p.gateway_metrics}/metrics
+             OpenAI API http://127.0.0.1:{p.gateway_http}/v1   (completions, chat/completions, models)
   tokenizer  grpc 127.0.0.1:{p.tokenizer}   metrics http://127.0.0.1:{p.tokenizer_metrics}/metrics
   engine     grpc 127.0.0.1:{p.engine}   metrics http://127.0.0.1:{p.engine_metrics}/metrics
 try:  .venv/bin/python -m gateway.client --chat "What is the capital of France?"

@@ -17,3 +17,5 @@ REQUESTS = Counter("splitserve_requests", "Finished requests", ["finish_reason",
 PROMPT_TOKENS = Counter("splitserve_prompt_tokens", "Prompt tokens of finished requests")
 GENERATION_TOKENS = Counter("splitserve_generation_tokens", "Generated tokens streamed to clients")
 REQUESTS_IN_FLIGHT = Gauge("splitserve_requests_in_flight", "Requests being served by the gateway")
+REQUESTS_WAITING = Gauge("splitserve_requests_waiting",
+                         "Requests the gateway holds back because --max-concurrent-requests are running")

@@ -18,6 +18,8 @@ class Limits:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_prompt_chars: int = 1_000_000
+    max_prompt_tokens: int = 0          # 0: only the model's context limits the prompt
+    max_output_tokens: int = 0          # 0: only the context limits max_tokens
 
 
 @dataclass
@@ -27,6 +29,7 @@ class ValidRequest:
     messages: list[tuple[str, str]] | None
     sampling: common_pb2.SamplingParams      # for the engine: max_tokens filled in once the prompt is tokenized
     stop: list[str]
+    limits: Limits = Limits()
 
 
 def _finite(name: str, value: float) -> None:
@@ -57,6 +60,9 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
     params = request.sampling
     if params.HasField("max_tokens") and params.max_tokens < 1:
         raise invalid(f"sampling.max_tokens must be at least 1 (or unset for the default), got {params.max_tokens}")
+    if limits.max_output_tokens and params.max_tokens > limits.max_output_tokens:
+        raise invalid(f"sampling.max_tokens is {params.max_tokens}; this server allows at most "
+                      f"{limits.max_output_tokens} output tokens per request")
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         _finite(f"sampling.{name}", getattr(params, name))
     if params.temperature < 0:
@@ -86,7 +92,8 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
     engine_params = common_pb2.SamplingParams()
     engine_params.CopyFrom(params)
     del engine_params.stop[:]                 # stop strings are the gateway's business, never the engine's
-    return ValidRequest(request_id, request.prompt if has_prompt else None, messages, engine_params, list(params.stop))
+    return ValidRequest(request_id, request.prompt if has_prompt else None, messages, engine_params, list(params.stop),
+                        limits)
 
 
 def fit_max_tokens(valid: ValidRequest, prompt_tokens: int, context: int, vocab_size: int) -> None:
@@ -95,9 +102,12 @@ def fit_max_tokens(valid: ValidRequest, prompt_tokens: int, context: int, vocab_
     if room <= 0:
         raise invalid(f"the prompt has {prompt_tokens} tokens; this model's context is {context} tokens, "
                       f"which leaves no room for output")
+    if valid.limits.max_prompt_tokens and prompt_tokens > valid.limits.max_prompt_tokens:
+        raise invalid(f"the prompt has {prompt_tokens} tokens; this server allows at most "
+                      f"{valid.limits.max_prompt_tokens} prompt tokens per request")
     params = valid.sampling
     if not params.HasField("max_tokens"):
-        params.max_tokens = min(DEFAULT_MAX_TOKENS, room)
+        params.max_tokens = min(DEFAULT_MAX_TOKENS, room, valid.limits.max_output_tokens or room)
     elif params.max_tokens > room:
         raise invalid(f"max_tokens {params.max_tokens} plus the prompt's {prompt_tokens} tokens exceed this model's "
                       f"context of {context} tokens (at most {room} output tokens fit)")

@@ -1,0 +1,418 @@
+"""The OpenAI-compatible HTTP API, served by aiohttp on the gateway's event loop beside the gRPC server.
+
+One implementation, two front doors: each handler turns OpenAI JSON into the public `GenerateRequest`, and runs it
+through the same `GatewayService.generate` as the gRPC API (same validation, limits, pipeline and metrics).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (server-sent events with `"stream": true`), GET /v1/models,
+GET /health, GET /metrics. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`; the status
+comes from the gRPC code in one table (`HTTP_STATUS`).
+
+Differences from the gRPC API: an unset `temperature` is 1.0, as in OpenAI's API (gRPC: unset = 0 = greedy).
+`n` must be 1; `logprobs`, `echo`, `suffix`, `logit_bias`, tools and token-id prompts are refused with 400.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+import prometheus_client
+from aiohttp import web
+
+from gateway.errors import GatewayError
+from gateway.pipeline import Chunk
+from gateway.service import GatewayService
+from splitserve.v1 import common_pb2, gateway_pb2
+
+log = logging.getLogger("splitserve.gateway.http")
+
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+# gRPC status -> HTTP status and OpenAI error type: the one place the two front doors' errors meet.
+HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+INTERNAL = (500, "internal_error")
+
+
+class ParamError(GatewayError):
+    """A bad field of the OpenAI request: INVALID_ARGUMENT, naming the field in `param`."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
+        self.param = param
+
+
+def error_body(code: grpc.StatusCode, message: str, param: str | None = None) -> tuple[int, dict[str, Any]]:
+    status, kind = HTTP_STATUS.get(code, INTERNAL)
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code.name.lower()}}
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    status, body = error_body(exc.code, exc.message, getattr(exc, "param", None))
+    return web.json_response(body, status=status)
+
+
+# ---- reading OpenAI JSON ---------------------------------------------------------------------------------------
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _text(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise ParamError(param, f"{param} must be a string, got {_type_name(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ParamError(param, f"{param} is not valid Unicode (it holds a lone surrogate)") from None
+    return value
+
+
+def _int(body: dict[str, Any], name: str, bounds: tuple[int, int] = INT32) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(name, f"{name} must be an integer, got {_type_name(value)}")
+    if not bounds[0] <= value <= bounds[1]:
+        raise ParamError(name, f"{name} must be between {bounds[0]} and {bounds[1]}, got {value}")
+    return value
+
+
+def _float(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(name, f"{name} must be a number, got {_type_name(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ParamError(name, f"{name} must be a finite number") from None
+
+
+def _bool(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ParamError(name, f"{name} must be a boolean, got {_type_name(value)}")
+    return value
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [_text(value, "stop")]
+    if not isinstance(value, list):
+        raise ParamError("stop", f"stop must be a string or an array of strings, got {_type_name(value)}")
+    return [_text(item, f"stop[{i}]") for i, item in enumerate(value)]
+
+
+def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+    n = _int(body, "n")
+    if n is not None and n != 1:
+        raise ParamError("n", f"n={n} is not supported yet: send n separate requests (with different seeds)")
+    best_of = _int(body, "best_of")
+    if best_of is not None and best_of != 1:
+        raise ParamError("best_of", "best_of is not supported")
+    if body.get("logit_bias"):
+        raise ParamError("logit_bias", "logit_bias is not supported")
+    if body.get("tools") or body.get("functions"):
+        raise ParamError("tools", "tools and function calling are not supported")
+    if _bool(body, "echo"):
+        raise ParamError("echo", "echo is not supported")
+    if body.get("suffix"):
+        raise ParamError("suffix", "suffix is not supported")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise ParamError("response_format", 'only response_format {"type": "text"} is supported')
+    if chat and (_bool(body, "logprobs") or body.get("top_logprobs")):
+        raise ParamError("logprobs", "logprobs are not supported yet")
+    if not chat and body.get("logprobs") not in (None, 0):
+        raise ParamError("logprobs", "logprobs are not supported yet")
+
+
+def sampling_from(body: dict[str, Any]) -> common_pb2.SamplingParams:
+    """OpenAI's (and vLLM's extra) sampling fields -> SamplingParams; ranges are checked by gateway.validation."""
+    params = common_pb2.SamplingParams()
+    max_tokens = _int(body, "max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens")
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    temperature = _float(body, "temperature")
+    params.temperature = OPENAI_DEFAULT_TEMPERATURE if temperature is None else temperature
+    for name in ("top_p", "repetition_penalty"):
+        value = _float(body, name)
+        if value is not None:
+            setattr(params, name, value)
+    for name in ("min_p", "presence_penalty", "frequency_penalty"):
+        setattr(params, name, _float(body, name) or 0.0)
+    top_k = _int(body, "top_k")
+    params.top_k = 0 if top_k in (None, -1) else top_k     # vLLM's -1 = off
+    seed = _int(body, "seed", INT64)
+    if seed is not None:
+        params.seed = seed
+    params.stop.extend(_stop(body))
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None:
+        if not isinstance(stop_token_ids, list):
+            raise ParamError("stop_token_ids", "stop_token_ids must be an array of integers")
+        for i, token in enumerate(stop_token_ids):
+            name = f"stop_token_ids[{i}]"
+            value = _int({name: token}, name)
+            if value is None:
+                raise ParamError(name, f"{name} must be an integer, got null")
+            params.stop_token_ids.append(value)
+    params.ignore_eos = bool(_bool(body, "ignore_eos"))
+    return params
+
+
+def _content(value: Any, param: str) -> str:
+    """A message's content: a string, null, or an array of text parts."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ParamError(f"{param}[{i}]", f"{param}[{i}] must be a text part "
+                                                  '({"type": "text", "text": ...}); other parts are not supported')
+            texts.append(_text(part.get("text"), f"{param}[{i}].text"))
+        return "".join(texts)
+    return _text(value, param)
+
+
+def generate_request(body: dict[str, Any], chat: bool, request_id: str) -> gateway_pb2.GenerateRequest:
+    _refuse_unsupported(body, chat)
+    request = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling_from(body))
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ParamError("messages", "messages must be a non-empty array of {role, content} objects")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ParamError(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
+            role = _text(message.get("role"), f"messages[{i}].role")
+            role = "system" if role == "developer" else role
+            request.messages.append(common_pb2.ChatMessage(
+                role=role, content=_content(message.get("content"), f"messages[{i}].content")))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            raise ParamError("prompt", "prompt must be one string (batches and token-id prompts are not supported)")
+        request.prompt = _text(prompt, "prompt")
+        if not request.prompt:
+            raise ParamError("prompt", "prompt must not be empty")
+    return request
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+class OpenAIServer:
+    def __init__(self, service: GatewayService, served_model_name: str = "", max_body_bytes: int = 16 * 1024 * 1024,
+                 shutdown_grace: float = 30.0) -> None:
+        self.service = service
+        self.served_model_name = served_model_name
+        self.created = int(time.time())
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        self.app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ])
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts the engine sequence.
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=shutdown_grace,
+                                    access_log=None)
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return self.port
+
+    async def stop(self) -> None:
+        """Stops listening, lets in-flight requests finish within the shutdown grace, then cancels them."""
+        await self.runner.cleanup()
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:   # unknown route, wrong method, body too large
+            if exc.status < 400:
+                raise
+            code = grpc.StatusCode.NOT_FOUND if exc.status in (404, 405) else grpc.StatusCode.INVALID_ARGUMENT
+            _, body = error_body(code, f"{request.method} {request.path}: {exc.reason}")
+            return web.json_response(body, status=exc.status)
+        except Exception as exc:  # a bug: say so, keep serving the others
+            log.exception("HTTP handler crashed %s", request.path)
+            _, body = error_body(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return web.json_response(body, status=500)
+
+    async def _model_name(self) -> str:
+        return self.served_model_name or (await self.service.model_info()).model
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:   # bad JSON, invalid UTF-8, absurd nesting or numbers
+            raise ParamError(None, f"the request body is not valid JSON: {type(exc).__name__}: {exc}") from None
+        if not isinstance(body, dict):
+            raise ParamError(None, f"the request body must be a JSON object, got {_type_name(body)}")
+        model = body.get("model")
+        if model is not None:
+            name = await self._model_name()
+            if _text(model, "model") != name:
+                raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this server "
+                                                              f"serves {name!r} (see GET /v1/models)")
+        return body
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body = await self._body(request)
+        request_id = request.headers.get("X-Request-Id", "") or uuid.uuid4().hex
+        generate = generate_request(body, chat, request_id)
+        stream = bool(_bool(body, "stream"))
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ParamError("stream_options", "stream_options must be an object")
+        include_usage = bool(_bool(options, "include_usage"))
+        model = await self._model_name()
+        reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", model)
+        headers = {"X-Request-Id": request_id}
+        async with aclosing(self.service.generate(generate, None)) as chunks:
+            if not stream:
+                text, last = [], None
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    last = chunk
+                assert last is not None
+                return web.json_response(reply.whole("".join(text), last), headers=headers)
+            first = await anext(chunks)   # errors before the first chunk get a plain HTTP status
+            response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            try:
+                for event in reply.deltas(first, include_usage, first=True):
+                    await response.write(_sse(event))
+                async for chunk in chunks:
+                    for event in reply.deltas(chunk, include_usage):
+                        await response.write(_sse(event))
+            except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
+                _, error = error_body(exc.code, exc.message)
+                await response.write(_sse(error))
+            await response.write(_sse("[DONE]"))
+            await response.write_eof()
+            return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        info = await self.service.model_info()
+        name = self.served_model_name or info.model
+        return web.json_response({"object": "list", "data": [{
+            "id": name, "object": "model", "created": self.created, "owned_by": "splitserve",
+            "root": info.model, "max_model_len": info.max_context_length}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.service.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=prometheus_client.generate_latest(),
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+class Reply:
+    """OpenAI's response objects for one request: the whole answer, or its streamed chunks."""
+
+    def __init__(self, chat: bool, response_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = response_id
+        self.model = model
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    @staticmethod
+    def usage(chunk: Chunk) -> dict[str, int]:
+        return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
+                "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
+
+    def whole(self, text: str, last: Chunk) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {**self._envelope([choice], chunk=False), "usage": self.usage(last)}
+
+    def deltas(self, chunk: Chunk, include_usage: bool, first: bool = False) -> list[dict[str, Any]]:
+        events = []
+
+        def event(content: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+            if self.chat:
+                delta: dict[str, Any] = {} if content is None else {"content": content}
+                if role:
+                    delta["role"] = "assistant"
+                choice["delta"] = delta
+            else:
+                choice["text"] = content or ""
+            envelope = self._envelope([choice], chunk=True)
+            if include_usage:
+                envelope["usage"] = None
+            return envelope
+
+        if first and self.chat:
+            events.append(event("", None, role=True))
+        if chunk.text:
+            events.append(event(chunk.text, None))
+        if chunk.finish_reason:
+            events.append(event(None, chunk.finish_reason))
+            if include_usage:
+                events.append({**self._envelope([], chunk=True), "usage": self.usage(chunk)})
+        return events

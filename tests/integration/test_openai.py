@@ -1,0 +1,232 @@
+"""The OpenAI-compatible HTTP API, driven by the official `openai` SDK against the real gateway on the tiny model:
+the same pipeline as the gRPC API, so greedy answers match the gRPC ones token for token."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from tests.helpers import make_request, prompt_ids, reference_greedy, stream
+from tests.integration.test_lifecycle import scrape, wait_until
+from splitserve.v1 import engine_pb2
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours. 你好 🙂"}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{tiny_stack.ports.gateway_http}/v1", api_key="unused",
+                         max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def post(tiny_stack, path: str, body: bytes | dict, timeout: float = 60) -> tuple[int, dict]:
+    """A raw POST (for what the SDK would not send); returns the status and the JSON body."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{tiny_stack.ports.gateway_http}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def chat_tuples(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def test_models_lists_the_served_model(client, tiny_stack):
+    models = client.models.list().data
+    assert len(models) == 1
+    assert models[0].id and models[0].id == models[0].root   # the engine's model name (the folder's name here)
+    assert models[0].max_model_len == 2048
+    assert models[0].owned_by == "splitserve"
+
+
+def test_greedy_completion_streamed_equals_whole_equals_grpc_and_transformers(client, model, gateway, tiny_model,
+                                                                              tokenizer):
+    ids = prompt_ids(tokenizer, PROMPT)
+    expected_ids = reference_greedy(tiny_model, ids, 16)
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
+    parts, usage, finish = [], None, None
+    for chunk in client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}):
+        if chunk.choices:
+            parts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    grpc_reply = stream(gateway, make_request(PROMPT, max_tokens=16, temperature=0.0))
+    assert whole.choices[0].text == "".join(parts) == grpc_reply.text == tokenizer.decode(expected_ids,
+                                                                                           skip_special_tokens=True)
+    assert whole.object == "text_completion" and whole.model == model
+    assert whole.choices[0].finish_reason == finish == grpc_reply.last.finish_reason
+    assert whole.usage.prompt_tokens == usage.prompt_tokens == len(ids)
+    assert whole.usage.completion_tokens == usage.completion_tokens == len(expected_ids)
+    assert whole.usage.total_tokens == usage.total_tokens == len(ids) + len(expected_ids)
+
+
+def test_greedy_chat_streamed_equals_whole_equals_grpc(client, model, gateway, tokenizer, tiny_model):
+    ids = prompt_ids(tokenizer, chat_tuples(CHAT))
+    expected_ids = reference_greedy(tiny_model, ids, 20)
+    whole = client.chat.completions.create(model=model, messages=CHAT, max_completion_tokens=20, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=20, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    grpc_reply = stream(gateway, make_request(chat_tuples(CHAT), max_tokens=20, temperature=0.0))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content == streamed == grpc_reply.text
+    assert grpc_reply.token_ids == expected_ids
+    assert whole.choices[0].message.role == "assistant" and chunks[0].choices[0].delta.role == "assistant"
+    assert whole.object == "chat.completion" and chunks[0].object == "chat.completion.chunk"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens == len(ids)
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == len(expected_ids)
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(client, model):
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=5, temperature=0,
+                                                 stream=True))
+    assert all(c.choices and c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_seed_top_p_and_max_tokens(client, model):
+    free = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    text = free.choices[0].text
+    assert free.usage.completion_tokens == 24 and free.choices[0].finish_reason == "length"
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    for stops in (stop, [stop, "never-seen-stop"]):
+        stopped = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=stops)
+        assert stopped.choices[0].finish_reason == "stop"
+        assert stopped.choices[0].text == text[: text.index(stop)]
+    # seed: the same seed samples the same text; another seed another text.
+    sampled = [client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert sampled[0] != text[: len(sampled[0])]
+    # top_p so small that only the most likely token survives: sampling becomes greedy.
+    nucleus = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=1.0, top_p=1e-6,
+                                        seed=3, extra_body={"ignore_eos": True})
+    assert nucleus.choices[0].text == text
+
+
+def test_unset_temperature_is_openais_default_of_one(client, model):
+    def complete(**extra) -> str:
+        return client.completions.create(model=model, prompt=PROMPT, max_tokens=16, seed=11,
+                                         extra_body={"ignore_eos": True}, **extra).choices[0].text
+
+    assert complete() == complete(temperature=1.0) != complete(temperature=0)
+
+
+def test_vllm_extras_and_penalties_behave_as_on_grpc(client, model, gateway):
+    cases = [dict(top_k=1, temperature=1.0, seed=5), dict(repetition_penalty=1.3, temperature=0.0),
+             dict(presence_penalty=1.5, frequency_penalty=0.5, temperature=0.0),
+             dict(min_p=0.2, temperature=0.7, seed=9)]
+    for sampling in cases:
+        http_sampling = dict(sampling)
+        extra = {k: http_sampling.pop(k) for k in ("top_k", "repetition_penalty", "min_p") if k in http_sampling}
+        http = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, extra_body={"ignore_eos": True,
+                                                                                                  **extra},
+                                         **http_sampling)
+        rpc = stream(gateway, make_request(PROMPT, max_tokens=12, ignore_eos=True, **sampling))
+        assert http.choices[0].text == rpc.text, sampling
+    first_token = stream(gateway, make_request(PROMPT, max_tokens=8, temperature=0.0)).token_ids[3]
+    stopped = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                        extra_body={"stop_token_ids": [first_token]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens <= 4
+
+
+def test_n_above_one_is_refused_clearly(client, model):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=2)
+    assert info.value.status_code == 400
+    assert "n=2 is not supported" in info.value.message
+    assert info.value.body["param"] == "n" and info.value.body["code"] == "invalid_argument"
+
+
+@pytest.mark.parametrize("body,status,param,words", [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b'{"prompt": "\xff\xfe bad utf-8", "max_tokens": 3}', 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "must be a JSON object"),
+    ({"prompt": "hi", "max_tokens": "three"}, 400, "max_tokens", "must be an integer"),
+    ({"prompt": "hi", "max_tokens": 10**30}, 400, "max_tokens", "between"),
+    ({"prompt": "hi", "max_tokens": -1}, 400, None, "max_tokens must be at least 1"),
+    ({"prompt": "hi", "temperature": True}, 400, "temperature", "must be a number"),
+    ({"prompt": "hi", "temperature": 1e300}, 400, None, "finite"),
+    ({"prompt": "hi", "stop": 5}, 400, "stop", "string or an array"),
+    ({"prompt": "\ud800 lone surrogate"}, 400, "prompt", "lone surrogate"),
+    ({"prompt": [1, 2, 3]}, 400, "prompt", "token-id prompts are not supported"),
+    ({"prompt": "hi", "model": "gpt-4"}, 404, None, "does not exist"),
+    ({"prompt": "hi", "max_tokens": 4096}, 400, None, "context"),
+])
+def test_bad_completions_get_openai_error_bodies(tiny_stack, body, status, param, words):
+    got_status, reply = post(tiny_stack, "/v1/completions", body)
+    assert got_status == status, reply
+    error = reply["error"]
+    assert words in error["message"] and error["param"] == param
+    assert error["type"] == ("invalid_request_error" if status == 400 else "not_found_error")
+    assert error["code"] == ("invalid_argument" if status == 400 else "not_found")
+    ok_status, ok = post(tiny_stack, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert ok_status == 200 and ok["usage"]["completion_tokens"] >= 1
+
+
+def test_bad_chat_messages_are_400(tiny_stack):
+    for messages, words in [([], "non-empty array"), ([{"role": "wizard", "content": "hi"}], "role"),
+                            ([{"role": "user", "content": [{"type": "image_url"}]}], "text part"),
+                            (["hello"], "must be an object")]:
+        status, reply = post(tiny_stack, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+        assert status == 400 and words in reply["error"]["message"], reply
+
+
+def test_text_parts_and_developer_role_are_accepted(client, model, gateway):
+    parts = client.chat.completions.create(
+        model=model, max_tokens=6, temperature=0,
+        messages=[{"role": "developer", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]}])
+    rpc = stream(gateway, make_request([("system", "Be brief."), ("user", "Hello there")], max_tokens=6,
+                                       temperature=0.0))
+    assert parts.choices[0].message.content == rpc.text
+
+
+def test_unknown_route_is_a_json_404(tiny_stack):
+    status, reply = post(tiny_stack, "/v1/embeddings", {"input": "x"})
+    assert status == 404 and reply["error"]["code"] == "not_found"
+
+
+def test_health_and_metrics_on_the_http_port(tiny_stack, client, model):
+    with urllib.request.urlopen(f"http://127.0.0.1:{tiny_stack.ports.gateway_http}/health", timeout=10) as reply:
+        assert reply.status == 200 and json.loads(reply.read()) == {"status": "ok"}
+    before = scrape(tiny_stack.ports.gateway_http)
+    client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0)
+    after = scrape(tiny_stack.ports.gateway_http)
+    served = sum(v for k, v in after.items() if k.startswith("splitserve_requests_total{"))
+    assert served == sum(v for k, v in before.items() if k.startswith("splitserve_requests_total{")) + 1
+    assert after["splitserve_e2e_request_latency_seconds_count"] == before["splitserve_e2e_request_latency_seconds_count"] + 1
+    # the same registry as the metrics port
+    assert scrape(tiny_stack.ports.gateway_metrics)["splitserve_e2e_request_latency_seconds_count"] == \
+        after["splitserve_e2e_request_latency_seconds_count"]
+
+
+def test_a_client_that_drops_an_sse_stream_frees_the_engine(client, model, engine):
+    before = engine.GetStats(engine_pb2.GetStatsRequest())
+    chunks = client.completions.create(model=model, prompt="a very long story:", max_tokens=1900, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(chunks))
+    assert engine.GetStats(engine_pb2.GetStatsRequest()).running == 1
+    chunks.close()
+    closed = time.monotonic()
+    assert wait_until(lambda: engine.GetStats(engine_pb2.GetStatsRequest()).running == 0, timeout=5.0)
+    assert engine.GetStats(engine_pb2.GetStatsRequest()).kv_blocks_used == before.kv_blocks_used
+    assert time.monotonic() - closed < 5.0
