@@ -1,0 +1,140 @@
+"""deploy/ validates with the real tools: docker-compose, promtool, kubernetes-validate, hadolint, the dashboard generator."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from common.stack import Stack
+from tests.deploy.conftest import COMPOSE_FILE, DEPLOY, GPU_COMPOSE_FILE, REPO, compose_config, tool
+
+SPLITSERVE_SERVICES = ("tokenizer", "engine", "gateway")
+RULE_FILES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
+K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "splitserve.json"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(args), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def test_compose_config_renders_every_service_with_health_checks_restarts_and_the_model_volume():
+    config = compose_config()
+    assert set(config["services"]) == {*SPLITSERVE_SERVICES, "prometheus", "grafana"}
+    for name in SPLITSERVE_SERVICES:
+        service = config["services"][name]
+        assert service["restart"] == "unless-stopped"
+        assert service["healthcheck"]["test"][:4] == ["CMD", "python", "-m", "common.healthcheck"]
+        targets = [v["target"] if isinstance(v, dict) else v.split(":")[1] for v in service["volumes"]]
+        assert "/models" in targets, service["volumes"]
+        assert service["environment"]["MODEL"] == "smollm2"
+    gateway = config["services"]["gateway"]
+    assert gateway["depends_on"] == {"tokenizer": {"condition": "service_healthy"},
+                                     "engine": {"condition": "service_healthy"}}
+    assert gateway["environment"]["ENGINE_ADDRESS"] == "dns:///engine:50053"   # every replica of `engine`
+    assert {"models", "prometheus-data", "grafana-data"} <= set(config["volumes"])
+
+
+def test_compose_gpu_override_reserves_gpus_for_the_cuda_engine():
+    engine = compose_config(COMPOSE_FILE, GPU_COMPOSE_FILE)["services"]["engine"]
+    assert engine["build"]["args"] == {"VARIANT": "cuda"}
+    assert engine["environment"]["DEVICE"] == "cuda"
+    devices = engine["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_compose_and_kubernetes_run_the_commands_the_tests_run():
+    """The same `python -m <module>` everywhere: compose, the Kubernetes manifests and the tests' Stack."""
+    compose = compose_config()["services"]
+    stack_modules = {name: service.args[1] for name, service in Stack().services.items()}
+    kubernetes = {}
+    for path in K8S_FILES:
+        for document in yaml.safe_load_all(path.read_text()):
+            if document["kind"] in ("Deployment", "StatefulSet"):
+                container = document["spec"]["template"]["spec"]["containers"][0]
+                kubernetes[container["name"]] = container["command"]
+    for name in SPLITSERVE_SERVICES:
+        assert compose[name]["command"] == ["python", "-m", stack_modules[name]]
+        assert kubernetes[name] == compose[name]["command"]
+
+
+def test_promtool_checks_the_prometheus_config_and_rules():
+    run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    output = run(tool("promtool"), "check", "rules", *map(str, RULE_FILES)).stdout
+    assert "SUCCESS" in output
+
+
+def test_promtool_unit_tests_cover_every_alert():
+    tests = sorted((DEPLOY / "prometheus" / "tests").glob("*.yml"))
+    run(tool("promtool"), "test", "rules", *map(str, tests))
+    alerts = {rule["alert"] for path in RULE_FILES for group in yaml.safe_load(path.read_text())["groups"]
+              for rule in group["rules"] if "alert" in rule}
+    assert {"SplitserveTimeToFirstTokenHigh", "SplitserveErrorRateHigh", "SplitserveKVCacheNearFull",
+            "SplitserveWaitingQueueGrowing", "SplitserveTargetDown"} <= alerts
+    for alert in alerts:
+        cases = [case for path in tests for test in yaml.safe_load(path.read_text())["tests"]
+                 for case in test.get("alert_rule_test", []) if case["alertname"] == alert]
+        assert any(case["exp_alerts"] for case in cases), f"no promtool test sees {alert} fire"
+        assert any(not case["exp_alerts"] for case in cases), f"no promtool test sees {alert} stay quiet"
+
+
+def test_kubernetes_manifests_validate_against_the_schemas():
+    output = run(tool("kubernetes-validate"), "--strict", *map(str, K8S_FILES)).stdout
+    kinds = set(re.findall(r"passed for resource (\w+)/", output))
+    assert {"deployment", "statefulset", "service", "configmap"} <= kinds, output
+
+
+def test_kubernetes_engines_request_gpus_and_every_container_has_grpc_probes_and_resources():
+    for path in K8S_FILES:
+        for document in yaml.safe_load_all(path.read_text()):
+            if document["kind"] not in ("Deployment", "StatefulSet"):
+                continue
+            pod = document["spec"]["template"]
+            assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+            container = pod["spec"]["containers"][0]
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["port"] == ports["grpc"], (path.name, probe)
+            assert container["resources"]["requests"]
+            if container["name"] == "engine":
+                assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_hadolint_passes_the_dockerfile_and_its_copies_exist():
+    run(tool("hadolint"), str(DEPLOY / "Dockerfile"))
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            source = line.split()[1]
+            assert (REPO / source).exists(), line
+
+
+def test_the_committed_dashboard_is_what_the_generator_writes():
+    run(sys.executable, str(DEPLOY / "grafana" / "dashboard.py"), "--check")
+
+
+def test_every_dashboard_panel_is_described_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    panels = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+    assert len(panels) >= 20
+    for panel in panels:
+        title = panel["title"].replace(" ($instance)", "")
+        assert f"**{title}**" in readme, f"README does not describe the panel {title!r}"
+
+
+@pytest.mark.parametrize("metric", [
+    "splitserve_request_phase_seconds", "splitserve_time_to_first_token_seconds",
+    "splitserve_inter_token_latency_seconds", "splitserve_e2e_request_latency_seconds", "splitserve_requests_total",
+    "splitserve_prompt_tokens_total", "splitserve_generation_tokens_total", "splitserve_requests_in_flight",
+    "splitserve_engine_step_seconds", "splitserve_engine_batch_size", "splitserve_engine_requests_running",
+    "splitserve_engine_requests_waiting", "splitserve_engine_kv_cache_usage_ratio",
+    "splitserve_engine_prefix_cache_hits_total", "splitserve_engine_prefix_cache_queries_total",
+    "splitserve_engine_preemptions_total", "splitserve_tokenizer_seconds"])
+def test_the_dashboard_shows_every_contract_metric(metric):
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
+    assert any(re.search(rf"\b{metric}(_bucket|_sum|_count)?\b", expr) for expr in exprs)
