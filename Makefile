@@ -6,7 +6,7 @@ DEVICE ?= auto
 PROTOS := $(wildcard protos/splitserve/v1/*.proto)
 STUBS := splitserve/v1/gateway_pb2.py
 
-.PHONY: run test test-fast bench protos install clean
+.PHONY: run test test-fast bench protos install clean deploy-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,6 +34,12 @@ test: $(STUBS)
 
 test-fast: $(STUBS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not e2e"
+
+# Validates deploy/ without a container engine: compose, Prometheus config/rules/rule tests, Kubernetes schemas,
+# Dockerfile lint, dashboard up to date. deploy/install-tools.sh adds Debian's prometheus and docker-compose (root).
+deploy-check: $(VENV)/.installed
+	bash deploy/install-tools.sh
+	PY=$(PY) bash deploy/check.sh
 
 bench: $(STUBS)
 	$(PY) -m bench
