@@ -29,6 +29,8 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata={"env": "DTYPE", "help": "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"})
     kv_cache_gb: float = field(default=1.0, metadata={"help": "memory for the KV cache, GiB"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV cache of shared prompt prefixes"})
+    fast_path: bool = field(default=True, metadata={"help": "hand-written forward pass for Llama-family models"})
     max_model_len: int = field(default=0, metadata={"help": "cap on the context length; 0 = the model's"})
     max_num_seqs: int = field(default=64, metadata={"help": "sequences per step at most"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per step at most (prefill chunking)"})
@@ -51,7 +53,7 @@ async def serve(config: EngineConfig) -> None:
     runner = ModelRunner(
         resolve_model(config.model), model_display_name(config.model), device, pick_dtype(config.dtype, device),
         kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
-        max_model_len=config.max_model_len)
+        max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching)
     engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
     engine.start()
     servicer = EngineServicer(engine, config.decode_lease_seconds)

@@ -43,10 +43,9 @@ def set_step_context(context: StepContext | None) -> None:
     _context = context
 
 
-def _sdpa_decode(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def _sdpa_decode(groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
     """query [B, H, 1, D], key/value [B, Hkv, L, D] -> [B, H, 1, D]; same kernel choice as transformers' sdpa."""
-    groups = getattr(module, "num_key_value_groups", 1)
     batch, heads, _, dim = query.shape
     if groups > 1 and mask is None:
         return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
@@ -58,31 +57,25 @@ def _sdpa_decode(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
 
 
-def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    **kwargs: object) -> tuple[torch.Tensor, None]:
+def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         scaling: float | None) -> torch.Tensor:
+    """query [T, H, D], key/value [T, Hkv, D] for the step's new tokens -> attention output [T, H, D]."""
     ctx = _context
     assert ctx is not None, "paged attention called outside an engine step"
-    layer = module.layer_idx
     k_cache, v_cache = ctx.k_cache[layer], ctx.v_cache[layer]
-    # query [1, H, T, D]; key/value [1, Hkv, T, D] for the new tokens only.
-    new_k = key[0].transpose(0, 1)
-    new_v = value[0].transpose(0, 1)
-    k_cache.index_copy_(0, ctx.slot_mapping, new_k.to(k_cache.dtype))
-    v_cache.index_copy_(0, ctx.slot_mapping, new_v.to(v_cache.dtype))
-    groups = getattr(module, "num_key_value_groups", 1)
+    k_cache.index_copy_(0, ctx.slot_mapping, key.to(k_cache.dtype))
+    v_cache.index_copy_(0, ctx.slot_mapping, value.to(v_cache.dtype))
     outputs: list[torch.Tensor] = []
     if ctx.num_decode:
-        q = query[0, :, : ctx.num_decode].transpose(0, 1).unsqueeze(2)          # [B, H, 1, D]
+        q = query[: ctx.num_decode].unsqueeze(2)                                 # [B, H, 1, D]
         k = k_cache[ctx.decode_slots].permute(0, 2, 1, 3)                        # [B, Hkv, L, D]
         v = v_cache[ctx.decode_slots].permute(0, 2, 1, 3)
-        out = _sdpa_decode(module, q, k, v, ctx.decode_mask, scaling)            # [B, H, 1, D]
-        outputs.append(out.squeeze(2))                                           # [B, H, D]
+        outputs.append(_sdpa_decode(groups, q, k, v, ctx.decode_mask, scaling).squeeze(2))   # [B, H, D]
     for chunk in ctx.prefills:
-        q = query[:, :, chunk.query_start: chunk.query_end]                      # [1, H, n, D]
+        q = query[chunk.query_start: chunk.query_end].transpose(0, 1).unsqueeze(0)          # [1, H, n, D]
         if chunk.context_slots is None:
-            k = key[:, :, chunk.query_start: chunk.query_end]
-            v = value[:, :, chunk.query_start: chunk.query_end]
+            k = key[chunk.query_start: chunk.query_end].transpose(0, 1).unsqueeze(0)
+            v = value[chunk.query_start: chunk.query_end].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scaling,
                                                  enable_gqa=groups > 1)
         else:
@@ -96,8 +89,16 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                 v = v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scaling)
         outputs.append(out[0].transpose(0, 1))                                   # [n, H, D]
-    attn = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
-    return attn.unsqueeze(0), None                                               # [1, T, H, D]
+    return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [1, H, T, D], key/value [1, Hkv, T, D] -> ([1, T, H, D], None)."""
+    out = paged_attention_core(module.layer_idx, getattr(module, "num_key_value_groups", 1),
+                               query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scaling)
+    return out.unsqueeze(0), None
 
 
 def _no_mask(*args: object, **kwargs: object) -> None:

@@ -43,6 +43,7 @@ class EngineStats:
 class Engine:
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_num_batched_tokens: int,
                  max_waiting: int) -> None:
+        """The runner owns the KV cache and its block manager; the scheduler decides over its blocks."""
         self.runner = runner
         self.spec = runner.spec
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens)
@@ -52,7 +53,7 @@ class Engine:
         self._live: dict[str, Sequence] = {}      # owned by the loop thread
         self._pending = 0                         # requests posted but not yet taken by the loop
         self._pending_lock = threading.Lock()
-        self._reported_preemptions = 0
+        self._reported = (0, 0, 0)           # counters already exported to Prometheus
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
 
@@ -148,6 +149,7 @@ class Engine:
         tokens = self.sampler(logits, [c.seq for c in sampling]) if sampling else []
         for c in chunks:
             c.seq.num_computed = c.end
+            self.scheduler.blocks.register_full_blocks(c.seq)
         now = time.perf_counter()
         for c, token in zip(sampling, tokens):
             self._append_token(c.seq, token, now)
@@ -182,8 +184,13 @@ class Engine:
         metrics.REQUESTS_RUNNING.set(stats.running)
         metrics.REQUESTS_WAITING.set(stats.waiting)
         metrics.KV_CACHE_USAGE.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
-        metrics.PREEMPTIONS.inc(self.scheduler.num_preemptions - self._reported_preemptions)
-        self._reported_preemptions = self.scheduler.num_preemptions
+        counters = (self.scheduler.num_preemptions, self.scheduler.prefix_queried_tokens,
+                    self.scheduler.prefix_hit_tokens)
+        for counter, now, before in zip((metrics.PREEMPTIONS, metrics.PREFIX_CACHE_QUERIES, metrics.PREFIX_CACHE_HITS),
+                                        counters, self._reported):
+            if now > before:
+                counter.inc(now - before)
+        self._reported = counters
 
 
 def _step_kind(chunks: list[ScheduledChunk]) -> str:

@@ -1,7 +1,7 @@
 """The paged KV cache: fixed-size blocks of token slots, a free list, and per-layer key/value tensors."""
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +21,23 @@ class CacheShape:
 
 
 class BlockManager:
-    """Owns the blocks: which are free, which sequence holds which. Never touches tensors."""
+    """Owns the blocks: which are free, which sequences hold which, and which hold a reusable prompt prefix.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    Prefix caching: a full block is keyed by a hash chain over its tokens and every token before it; a new
+    sequence starts from the longest run of cached blocks matching its tokens (verified token by token, since
+    hashes can collide). Blocks are reference-counted; a freed block keeps its contents and key until the free
+    list hands it out again, least recently freed first. Never touches tensors.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.prefix_caching = prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}                      # hash -> block id
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
     @property
     def num_free(self) -> int:
@@ -48,12 +59,65 @@ class BlockManager:
         if needed > self.num_free:
             raise MemoryError("KV cache exhausted")
         for _ in range(needed):
-            seq.block_table.append(self.free_blocks.popleft())
+            block, _ = self.free_blocks.popitem(last=False)
+            self._forget(block)
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Gives a sequence with no blocks the cached blocks of its longest cached prefix (always leaving at
+        least one token to compute, whose logits give the next token). Returns the tokens looked up."""
+        assert not seq.block_table and seq.num_computed == 0
+        if not self.prefix_caching:
+            return 0
+        full_blocks = (seq.num_tokens - 1) // self.block_size
+        parent = None
+        for index in range(full_blocks):
+            tokens = tuple(seq.tokens(index * self.block_size, (index + 1) * self.block_size))
+            key = hash((parent, tokens))
+            block = self.cached.get(key)
+            if block is None or self.block_tokens[block] != tokens:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+            seq.block_hashes.append(key)
+            parent = key
+        seq.num_computed = len(seq.block_table) * self.block_size
+        return full_blocks * self.block_size
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Keys the blocks that computing has filled since the last call, so later sequences can reuse them."""
+        if not self.prefix_caching:
+            return
+        while len(seq.block_hashes) < seq.num_computed // self.block_size:
+            index = len(seq.block_hashes)
+            tokens = tuple(seq.tokens(index * self.block_size, (index + 1) * self.block_size))
+            key = hash((seq.block_hashes[-1] if seq.block_hashes else None, tokens))
+            seq.block_hashes.append(key)
+            block = seq.block_table[index]
+            if key not in self.cached and self.block_hash[block] is None:
+                self.cached[key] = block
+                self.block_hash[block] = key
+                self.block_tokens[block] = tokens
 
     def free(self, seq: Sequence) -> None:
-        self.free_blocks.extend(seq.block_table)
+        # Tail blocks first, so that they are also the first to be reused: prefixes stay cached longest.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
         seq.block_table = []
+        seq.block_hashes = []
         seq.num_computed = 0
+
+    def _forget(self, block: int) -> None:
+        key = self.block_hash[block]
+        if key is not None and self.cached.get(key) == block:
+            del self.cached[key]
+        self.block_hash[block] = None
+        self.block_tokens[block] = None
 
 
 class KVCache:

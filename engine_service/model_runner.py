@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.logs import kv
-from engine_service import attention
+from engine_service import attention, llama
 from engine_service.kv_cache import BlockManager, CacheShape, KVCache
 from engine_service.scheduler import ScheduledChunk
 
@@ -62,12 +62,15 @@ def _eos_ids(model: torch.nn.Module) -> tuple[int, ...]:
 
 class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
-                 kv_cache_bytes: int, block_size: int, max_model_len: int) -> None:
+                 kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
+                 prefix_caching: bool = True) -> None:
         self.device = device
         self.dtype = dtype
         config = AutoConfig.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME).to(device).eval()
+        # Llama-family models get the hand-written forward pass; any other causal LM runs through transformers.
+        self.fast = llama.FastLlama(self.model) if fast_path and llama.supports(self.model) else None
         text_config = self.model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         shape = CacheShape(
@@ -78,7 +81,7 @@ class ModelRunner:
         )
         num_blocks = max(1, kv_cache_bytes // (shape.bytes_per_token() * block_size))
         self.block_size = block_size
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.cache = KVCache(shape, num_blocks, block_size, device)
         context = getattr(text_config, "max_position_embeddings", None) or getattr(config, "max_position_embeddings")
         if max_model_len > 0:
@@ -96,7 +99,8 @@ class ModelRunner:
             dtype=str(dtype).removeprefix("torch."),
         )
         log.info("model ready %s", kv(name=display_name, device=str(device), dtype=self.spec.dtype,
-                                      kv_blocks=num_blocks, block_size=block_size, context=context))
+                                      kv_blocks=num_blocks, block_size=block_size, context=context,
+                                      fast_path=self.fast is not None))
 
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slot of each position, given a block table (same leading shape or broadcastable)."""
@@ -154,16 +158,16 @@ class ModelRunner:
         attention.set_step_context(attention.StepContext(
             k_cache=self.cache.k, v_cache=self.cache.v, slot_mapping=slot_mapping.to(device),
             num_decode=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefill_chunks))
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+        keep_rows = torch.tensor(keep, dtype=torch.long, device=device)
         try:
-            out = self.model(
-                input_ids=torch.tensor([token_ids], dtype=torch.long, device=device),
-                position_ids=position_tensor.unsqueeze(0).to(device),
-                use_cache=False,
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
-            )
+            if self.fast is not None:
+                logits = self.fast(input_ids, position_tensor.to(device), keep_rows)
+            else:
+                logits = self.model(input_ids=input_ids.unsqueeze(0), position_ids=position_tensor.unsqueeze(0).to(device),
+                                    use_cache=False, logits_to_keep=keep_rows).logits[0]
         finally:
             attention.set_step_context(None)
-        logits = out.logits[0]
         # Rows are in `ordered` order; return them in `chunks` order for the sampling chunks.
         row_of = {id(c): r for r, c in enumerate(c for c in ordered if c.samples)}
         sampling = [c for c in chunks if c.samples]

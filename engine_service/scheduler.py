@@ -37,6 +37,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order: the last is the youngest
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0      # prompt tokens looked up in the prefix cache / found there
+        self.prefix_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -76,9 +78,13 @@ class Scheduler:
         # 2. Waiting sequences, oldest first, while the budget, the sequence limit and the free blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            queried = self.blocks.match_prefix(seq)
             end = min(seq.num_tokens, seq.num_computed + budget)
             if not self.blocks.can_allocate(seq, end):
+                self.blocks.free(seq)
                 break
+            self.prefix_queried_tokens += queried
+            self.prefix_hit_tokens += seq.num_computed
             self.waiting.popleft()
             self.blocks.allocate(seq, end)
             seq.status = SequenceStatus.RUNNING

@@ -29,6 +29,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # prefix-cache keys of the full blocks, in order
     num_computed: int = 0                 # tokens whose keys/values are in the KV cache
     finish_reason: str = ""
     arrival_time: float = field(default_factory=time.perf_counter)
@@ -45,8 +46,9 @@ class Sequence:
         return self.prompt_ids[position] if position < prompt_len else self.output_ids[position - prompt_len]
 
     def tokens(self, start: int, end: int) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[start:end] if end > len(self.prompt_ids) \
-            else self.prompt_ids[start:end]
+        if end <= len(self.prompt_ids):
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
 
     @property
     def is_finished(self) -> bool:

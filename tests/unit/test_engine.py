@@ -42,9 +42,11 @@ class Collector:
 
 
 def make_engine(model_dir, kv_blocks: int = 4096, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                max_waiting: int = 1000) -> Engine:
+                max_waiting: int = 1000, fast_path: bool = True, prefix_caching: bool = True) -> Engine:
     runner = ModelRunner(str(model_dir), "tiny", torch.device("cpu"), torch.float32,
-                         kv_cache_bytes=kv_blocks * BLOCK_BYTES, block_size=16, max_model_len=0)
+                         kv_cache_bytes=kv_blocks * BLOCK_BYTES, block_size=16, max_model_len=0,
+                         fast_path=fast_path, prefix_caching=prefix_caching)
+    assert (runner.fast is not None) == fast_path
     assert runner.blocks.num_blocks == kv_blocks
     engine = Engine(runner, max_num_seqs, max_num_batched_tokens, max_waiting)
     engine.start()
@@ -70,8 +72,9 @@ def expected(tiny_model, prompts: list[list[int]], max_tokens: int) -> dict[str,
     return {f"r{i}": reference_greedy(tiny_model, ids, max_tokens) for i, ids in enumerate(prompts)}
 
 
-def test_prompts_longer_than_the_step_budget_are_prefilled_in_chunks(tiny_model_dir, tiny_model, prompts):
-    engine = make_engine(tiny_model_dir, max_num_batched_tokens=16)
+@pytest.mark.parametrize("fast_path", [True, False], ids=["llama-fast-path", "transformers-path"])
+def test_prompts_longer_than_the_step_budget_are_prefilled_in_chunks(tiny_model_dir, tiny_model, prompts, fast_path):
+    engine = make_engine(tiny_model_dir, max_num_batched_tokens=16, fast_path=fast_path)
     try:
         assert max(len(p) for p in prompts) > 16
         assert run_all(engine, prompts, 20) == expected(tiny_model, prompts, 20)
@@ -91,18 +94,51 @@ def test_a_full_kv_cache_preempts_and_every_request_still_completes(tiny_model_d
         engine.stop()
 
 
+def test_a_prefix_cache_hit_reuses_blocks_and_gives_the_cold_run_tokens(tiny_model_dir, tiny_model, tokenizer):
+    system = tokenizer("You are a helpful assistant. " * 12).input_ids        # ~84 tokens: 5 full blocks
+    prompts = [system + tokenizer(q).input_ids for q in ("What is 2+2?", "Name a colour.", "Say hi.")]
+    cold = expected(tiny_model, prompts, 16)
+    engine = make_engine(tiny_model_dir)
+    try:
+        first = run_all(engine, prompts[:1], 16)
+        assert engine.scheduler.prefix_hit_tokens == 0
+        cached = dict(engine.runner.blocks.cached)
+        assert len(cached) >= len(system) // 16
+        collector = Collector()
+        seqs = [engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=16), collector.callback(f"r{i}"))
+                for i, ids in enumerate(prompts[1:], start=1)]
+        collector.wait(2)
+        assert engine.scheduler.prefix_hit_tokens >= 2 * (len(system) // 16) * 16
+        assert {**first, **collector.tokens} == cold
+        assert engine.stats().kv_blocks_used == 0
+        assert all(s.finish_reason for s in seqs)
+    finally:
+        engine.stop()
+
+
+def test_without_prefix_caching_nothing_is_shared(tiny_model_dir, tiny_model, tokenizer):
+    system = tokenizer("You are a helpful assistant. " * 12).input_ids
+    prompts = [system + tokenizer(q).input_ids for q in ("What is 2+2?", "Name a colour.")]
+    engine = make_engine(tiny_model_dir, prefix_caching=False)
+    try:
+        assert run_all(engine, prompts, 12) == expected(tiny_model, prompts, 12)
+        assert engine.scheduler.prefix_hit_tokens == 0 and not engine.runner.blocks.cached
+    finally:
+        engine.stop()
+
+
 def test_random_aborts_leave_no_block_in_use(tiny_model_dir):
     engine = make_engine(tiny_model_dir, kv_blocks=256, max_num_batched_tokens=64)
     rng = random.Random(1)
     collector = Collector()
     try:
-        for i in range(300):
+        for i in range(1000):
             ids = [rng.randrange(3, 49152) for _ in range(rng.randint(1, 80))]
             engine.add_request(f"a{i}", ids, SamplingParams(max_tokens=rng.randint(1, 40), ignore_eos=True),
                                collector.callback(f"a{i}"))
             if rng.random() < 0.5:
                 engine.abort(f"a{rng.randint(0, i)}")
-        collector.wait(300)
+        collector.wait(1000)
         assert set(collector.reasons.values()) <= {"abort", "length"}
         assert "abort" in collector.reasons.values()
         stats = engine.stats()
