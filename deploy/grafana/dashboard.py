@@ -1,6 +1,7 @@
 """Generates the splitserve Grafana dashboard: `python deploy/grafana/dashboard.py` writes dashboards/splitserve.json.
 
-`--check` exits 1 when the committed JSON differs from what this file generates (a test runs it). Every query
+`--check` exits 1 when the committed JSON differs from what this file generates (a test runs it); `--markdown`
+prints the panel list that the README's "Dashboard panels" holds (a test checks every panel is there). Every query
 here is also run against a real Prometheus scraping the real services (tests/deploy/test_observability.py), so a
 panel that names a metric that does not exist fails the tests. The README's "Dashboard panels" lists each panel.
 """
@@ -242,10 +243,24 @@ def render() -> str:
     return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
 
 
+def markdown() -> str:
+    """The panel list for the README's "Dashboard panels"."""
+    lines = []
+    for row in ROWS:
+        each = " (one row per engine replica: the `engine` variable, Prometheus' `instance` label)" if row.repeat else ""
+        lines += ["", f"*{row.title.replace('$instance', '<replica>')}*{each}:", ""]
+        lines += [f"- **{panel.title}**: {panel.description}" for panel in row.panels]
+    return "\n".join(lines[1:]) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed JSON is out of date")
+    parser.add_argument("--markdown", action="store_true", help="print the panel list for the README")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(), end="")
+        return 0
     text = render()
     if args.check:
         if not OUTPUT.exists() or OUTPUT.read_text() != text:
