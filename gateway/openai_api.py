@@ -297,7 +297,7 @@ class OpenAIServer:
         if not isinstance(body, dict):
             raise ParamError(None, f"the request body must be a JSON object, got {_type_name(body)}")
         model = body.get("model")
-        if model is not None:
+        if model is not None and model != "":      # unset or empty: the served model
             name = await self._model_name()
             if _text(model, "model") != name:
                 raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this server "

@@ -13,6 +13,7 @@ import grpc
 from common.logs import kv
 from common.server import GRPC_OPTIONS
 from gateway import metrics
+from gateway.channels import RECONNECT_OPTIONS, wait_ready
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
@@ -51,7 +52,8 @@ class Pipeline:
                  router_settings: RouterSettings = RouterSettings()) -> None:
         self.tokenizer_address = tokenizer_address
         self.engine_address = engine_address
-        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=GRPC_OPTIONS)
+        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address,
+                                                            options=[*GRPC_OPTIONS, *RECONNECT_OPTIONS])
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.router = EngineRouter(engine_address, router_settings)  # one engine or several: see router.py
         self._model_info: common_pb2.ModelInfo | None = None
@@ -113,6 +115,7 @@ class Pipeline:
         else:
             tokenize.messages.extend(common_pb2.ChatMessage(role=r, content=c) for r, c in request.messages or [])
         try:
+            await wait_ready(self._tokenizer_channel, remaining())
             prompt_ids = list((await self.tokenizer.Tokenize(tokenize, timeout=remaining())).token_ids)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "tokenizer", self.tokenizer_address) from None
@@ -128,6 +131,7 @@ class Pipeline:
             engine = await self.router.pick(prompt_ids, exclude=tried)
             timings.engine = engine
             try:
+                await wait_ready(engine.channel, remaining())
                 prefill = await engine.stub.Prefill(
                     engine_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
                                               sampling=request.sampling), timeout=remaining())

@@ -73,3 +73,28 @@ def rpc_error(call) -> grpc.RpcError:
     except grpc.RpcError as exc:
         return exc
     raise AssertionError("the call succeeded but should have failed")
+
+
+def start_extra_gateway(stack, log_dir, gateway_args: list[str]):
+    """Another gateway process, with its own flags, in front of `stack`'s tokenizer and engine."""
+    from common.stack import Ports, Stack
+    extra = Stack(ports=Ports.free(), log_dir=log_dir, tokenizer_address=stack.address("tokenizer"),
+                  engine_address=stack.address("engine"), gateway_args=gateway_args)
+    extra.start_service("gateway", timeout=120)
+    return extra
+
+
+def openai_client(stack):
+    """The official OpenAI SDK pointed at a stack's gateway (no retries: each call is one request)."""
+    import openai
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{stack.ports.gateway_http}/v1", api_key="unused",
+                         max_retries=0, timeout=120)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc/<pid>/status."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise ValueError(f"no VmRSS for pid {pid}")
