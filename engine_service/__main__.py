@@ -36,6 +36,7 @@ class EngineConfig:
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per step at most (prefill chunking)"})
     max_waiting: int = field(default=1024, metadata={"help": "waiting sequences at most; beyond: RESOURCE_EXHAUSTED"})
     decode_lease_seconds: float = field(default=30.0, metadata={"help": "abort a sequence no Decode stream claims in time"})
+    fault_token_id: int = field(default=-1, metadata={"help": "testing only: a step that computes this token id fails"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
     log_level: str = "INFO"
 
@@ -53,7 +54,8 @@ async def serve(config: EngineConfig) -> None:
     runner = ModelRunner(
         resolve_model(config.model), model_display_name(config.model), device, pick_dtype(config.dtype, device),
         kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
-        max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching)
+        max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching,
+        fault_token_id=config.fault_token_id)
     engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
     engine.start()
     servicer = EngineServicer(engine, config.decode_lease_seconds)

@@ -108,10 +108,10 @@ class Engine:
                 self._drain_inbox(block)
                 if self.scheduler.has_work():
                     self.step()
-            except Exception:  # a bug in one step must not kill the engine: fail the batch, keep serving
-                log.exception("engine step failed; aborting the sequences of this step")
+            except Exception:  # a bug outside the forward pass must not kill the engine: keep serving
+                log.exception("engine loop error; failing the running sequences")
                 for seq in list(self.scheduler.running):
-                    self._finish(seq, "abort")
+                    self._finish(seq, "error")
             self._publish_gauges()
         for seq in list(self._live.values()):
             self._finish(seq, "abort")
@@ -144,6 +144,23 @@ class Engine:
         if not chunks:
             return
         started = time.perf_counter()
+        try:
+            self._run(chunks)
+        except Exception:
+            # Find the sequences that fail on their own; they end with "error", the rest of the batch goes on.
+            log.exception("engine step failed; retrying its %d sequences one by one", len(chunks))
+            for chunk in chunks:
+                try:
+                    self._run([chunk])
+                except Exception as exc:
+                    log.error("sequence failed %s", kv(request_id=chunk.seq.request_id, error=repr(exc)))
+                    self._finish(chunk.seq, "error")
+        metrics.STEP_SECONDS.labels(kind=_step_kind(chunks)).observe(time.perf_counter() - started)
+        metrics.BATCH_SIZE.observe(len(chunks))
+
+    def _run(self, chunks: list[ScheduledChunk]) -> None:
+        """One forward pass over the chunks, then sampling and delivery. Writing a chunk's keys/values again
+        is harmless, so a failed batch can be rerun piecewise."""
         logits = self.runner.forward(chunks)
         sampling = [c for c in chunks if c.samples]
         tokens = self.sampler(logits, [c.seq for c in sampling]) if sampling else []
@@ -153,8 +170,6 @@ class Engine:
         now = time.perf_counter()
         for c, token in zip(sampling, tokens):
             self._append_token(c.seq, token, now)
-        metrics.STEP_SECONDS.labels(kind=_step_kind(chunks)).observe(now - started)
-        metrics.BATCH_SIZE.observe(len(chunks))
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_ids.append(token)

@@ -63,9 +63,10 @@ def _eos_ids(model: torch.nn.Module) -> tuple[int, ...]:
 class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
-                 prefix_caching: bool = True) -> None:
+                 prefix_caching: bool = True, fault_token_id: int = -1) -> None:
         self.device = device
         self.dtype = dtype
+        self.fault_token_id = fault_token_id   # fault injection for tests: a step computing this token raises
         config = AutoConfig.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME).to(device).eval()
@@ -122,6 +123,8 @@ class ModelRunner:
         for c in prefills:
             token_ids.extend(c.seq.tokens(c.start, c.end))
             positions.extend(range(c.start, c.end))
+        if self.fault_token_id >= 0 and self.fault_token_id in token_ids:
+            raise RuntimeError(f"injected fault: token {self.fault_token_id} in the step")
         position_tensor = torch.tensor(positions, dtype=torch.long)
         # Slot of every new token, from its sequence's block table.
         owners = [i for i, c in enumerate(ordered) for _ in range(c.end - c.start)]

@@ -56,6 +56,12 @@ class OutputStream:
         self.queue.put_nowait((token_ids, reason))
 
 
+def _ended_early(request_id: str, reason: str) -> tuple[grpc.StatusCode, str]:
+    if reason == "error":
+        return grpc.StatusCode.INTERNAL, f"the engine failed while computing request {request_id!r}; see its log"
+    return grpc.StatusCode.ABORTED, f"request {request_id!r} was aborted before its first token"
+
+
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(self, engine: Engine, decode_lease_seconds: float) -> None:
         self.engine = engine
@@ -90,7 +96,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             raise
         if token is None:
             self._drop(request_id, abort=False)
-            await context.abort(grpc.StatusCode.ABORTED, f"request {request_id!r} was aborted before its first token")
+            await context.abort(*_ended_early(request_id, reason))
         if reason:
             self._drop(request_id, abort=False)
         else:
@@ -122,6 +128,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                     token_ids = token_ids + more
                 if reason:
                     stream.finished = True
+                if reason == "error":
+                    await context.abort(*_ended_early(request_id, reason))
                 yield engine_pb2.DecodeResponse(token_ids=token_ids, finish_reason=reason)
                 if reason:
                     return

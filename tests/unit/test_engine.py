@@ -147,6 +147,24 @@ def test_random_aborts_leave_no_block_in_use(tiny_model_dir):
         engine.stop()
 
 
+def test_a_request_whose_forward_pass_fails_ends_alone_and_the_batch_goes_on(tiny_model_dir, tiny_model, prompts):
+    engine = make_engine(tiny_model_dir)
+    poison = 48000
+    engine.runner.fault_token_id = poison
+    collector = Collector()
+    try:
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=12), collector.callback(f"r{i}"))
+        engine.add_request("bad", [5, 6, poison, 7], SamplingParams(max_tokens=12), collector.callback("bad"))
+        collector.wait(len(prompts) + 1)
+        assert collector.reasons["bad"] == "error"
+        good = {rid: tokens for rid, tokens in collector.tokens.items() if rid != "bad"}
+        assert good == expected(tiny_model, prompts, 12)
+        assert engine.stats().kv_blocks_used == 0
+    finally:
+        engine.stop()
+
+
 def test_requests_the_engine_cannot_take(tiny_model_dir):
     engine = make_engine(tiny_model_dir, max_waiting=1)
     try:
