@@ -98,7 +98,7 @@ def test_requests_sharing_a_long_prefix_go_to_one_engine(compose_stack, gateway)
 def test_killing_an_engine_mid_load_fails_only_its_streams_and_it_gets_traffic_when_back(compose_stack, gateway):
     engines = compose_stack.engines
     # 8 long streams, spread over both engines; each has produced a chunk when the engine dies.
-    calls = [gateway.Generate(make_request(f"long story {i}:", max_tokens=1000, ignore_eos=True), timeout=120)
+    calls = [gateway.Generate(make_request(f"long story {i}:", max_tokens=600, ignore_eos=True), timeout=120)
              for i in range(8)]
     for call in calls:
         next(call)
