@@ -10,6 +10,7 @@ from gateway.errors import invalid
 from splitserve.v1 import common_pb2, gateway_pb2
 
 DEFAULT_MAX_TOKENS = 256
+GREEDY_BELOW_TEMPERATURE = 1e-5   # as vLLM: smaller temperatures are greedy (1e-40 would overflow the logits)
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -91,6 +92,8 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
             raise invalid(f"sampling.stop[{i}] is longer than {limits.max_stop_string_chars} characters")
     engine_params = common_pb2.SamplingParams()
     engine_params.CopyFrom(params)
+    if engine_params.temperature < GREEDY_BELOW_TEMPERATURE:
+        engine_params.temperature = 0.0
     del engine_params.stop[:]                 # stop strings are the gateway's business, never the engine's
     return ValidRequest(request_id, request.prompt if has_prompt else None, messages, engine_params, list(params.stop),
                         limits)

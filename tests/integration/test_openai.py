@@ -230,3 +230,10 @@ def test_a_client_that_drops_an_sse_stream_frees_the_engine(client, model, engin
     assert wait_until(lambda: engine.GetStats(engine_pb2.GetStatsRequest()).running == 0, timeout=5.0)
     assert engine.GetStats(engine_pb2.GetStatsRequest()).kv_blocks_used == before.kv_blocks_used
     assert time.monotonic() - closed < 5.0
+
+
+def test_a_vanishing_temperature_is_greedy(client, model):
+    """As in vLLM, temperatures below 1e-5 are greedy (a denormal one once overflowed the engine's logits)."""
+    texts = {t: client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=t,
+                                          extra_body={"ignore_eos": True}).choices[0].text for t in (0, 1e-40, 3e-6)}
+    assert texts[0] == texts[1e-40] == texts[3e-6]
