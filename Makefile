@@ -6,7 +6,7 @@ DEVICE ?= auto
 PROTOS := $(wildcard protos/splitserve/v1/*.proto)
 STUBS := splitserve/v1/gateway_pb2.py
 
-.PHONY: run test test-fast bench protos install clean deploy-check
+.PHONY: run test test-fast bench bench-peers protos install clean deploy-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,8 +41,17 @@ deploy-check: $(VENV)/.installed
 	bash deploy/install-tools.sh
 	PY=$(PY) bash deploy/check.sh
 
+# The benchmarks; `make bench-peers` first adds llama.cpp (llama-cpp-python, compiled from source: ~10 min on
+# 2 cores) in its own environment, .bench-venv. Without it the llama.cpp ratio is reported as null.
+BENCH_VENV ?= .bench-venv
+
 bench: $(STUBS)
-	$(PY) -m bench
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	HF_HUB_OFFLINE=1 $(PY) -m bench
+
+bench-peers:
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BENCH_VENV)/bin/pip install llama-cpp-python==0.3.36
 
 clean:
 	rm -rf splitserve

@@ -68,8 +68,10 @@ def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torc
     outputs: list[torch.Tensor] = []
     if ctx.num_decode:
         q = query[: ctx.num_decode].unsqueeze(2)                                 # [B, H, 1, D]
-        k = k_cache[ctx.decode_slots].permute(0, 2, 1, 3)                        # [B, Hkv, L, D]
-        v = v_cache[ctx.decode_slots].permute(0, 2, 1, 3)
+        batch, length = ctx.decode_slots.shape
+        flat = ctx.decode_slots.view(-1)
+        k = k_cache.index_select(0, flat).view(batch, length, *k_cache.shape[1:]).permute(0, 2, 1, 3)
+        v = v_cache.index_select(0, flat).view(batch, length, *v_cache.shape[1:]).permute(0, 2, 1, 3)
         outputs.append(_sdpa_decode(groups, q, k, v, ctx.decode_mask, scaling).squeeze(2))   # [B, H, D]
     for chunk in ctx.prefills:
         q = query[chunk.query_start: chunk.query_end].transpose(0, 1).unsqueeze(0)          # [1, H, n, D]
@@ -79,8 +81,8 @@ def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torc
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scaling,
                                                  enable_gqa=groups > 1)
         else:
-            k = k_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)        # [1, Hkv, L, D]
-            v = v_cache[chunk.context_slots].transpose(0, 1).unsqueeze(0)
+            k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)   # [1, Hkv, L, D]
+            v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
             n, total = q.shape[2], k.shape[2]
             rows = torch.arange(n, device=q.device).unsqueeze(1) + chunk.cached_len
             mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows      # [n, L]
