@@ -6,7 +6,7 @@ DEVICE ?= auto
 PROTOS := $(wildcard protos/splitserve/v1/*.proto)
 STUBS := splitserve/v1/gateway_pb2.py
 
-.PHONY: run test test-fast bench bench-peers protos install clean deploy-check
+.PHONY: run test test-fast bench bench-peers protos install clean deploy-check load
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -52,6 +52,12 @@ bench: $(STUBS)
 bench-peers:
 	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BENCH_VENV)/bin/pip install llama-cpp-python==0.3.36
+
+# Load test of the OpenAI API of a running stack (`make run`): locust, 16 users, 200 requests (LOAD_REQUESTS).
+LOAD_HOST ?= http://127.0.0.1:8000
+load: $(VENV)/.installed
+	$(VENV)/bin/locust -f tests/load/locustfile.py --headless --users 16 --spawn-rate 16 --host $(LOAD_HOST) \
+		--run-time 30m --only-summary
 
 clean:
 	rm -rf splitserve
