@@ -43,18 +43,21 @@ def set_step_context(context: StepContext | None) -> None:
     _context = context
 
 
-def _sdpa_decode(groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
-    """query [B, H, 1, D], key/value [B, Hkv, L, D] -> [B, H, 1, D]; same kernel choice as transformers' sdpa."""
+def _decode_attention(groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """query [B, H, 1, D], key/value [B, Hkv, L, D] -> [B, H, 1, D].
+
+    One query token per sequence: two batched matmuls and a softmax, with the heads that share a key/value head
+    folded together. On CPUs this is several times faster than SDPA's flash kernel, built for long queries.
+    """
     batch, heads, _, dim = query.shape
-    if groups > 1 and mask is None:
-        return F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
-    if groups > 1:
-        # One query token: fold the heads sharing a key/value head into the query-length axis.
-        packed = query.reshape(batch, heads // groups, groups, dim)
-        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
-        return out.reshape(batch, heads, 1, dim)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    # fp32 math: CPU batched matmuls in bf16 fall back to one small product per (sequence, head).
+    q = query.reshape(batch, heads // groups, groups, dim).float()               # [B, Hkv, G, D]
+    scores = torch.matmul(q, key.float().transpose(-1, -2)) * (scaling if scaling is not None else dim ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))                        # mask [B, 1, 1, L]
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())
+    return out.reshape(batch, heads, 1, dim).to(query.dtype)
 
 
 def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -72,7 +75,7 @@ def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torc
         flat = ctx.decode_slots.view(-1)
         k = k_cache.index_select(0, flat).view(batch, length, *k_cache.shape[1:]).permute(0, 2, 1, 3)
         v = v_cache.index_select(0, flat).view(batch, length, *v_cache.shape[1:]).permute(0, 2, 1, 3)
-        outputs.append(_sdpa_decode(groups, q, k, v, ctx.decode_mask, scaling).squeeze(2))   # [B, H, D]
+        outputs.append(_decode_attention(groups, q, k, v, ctx.decode_mask, scaling).squeeze(2))   # [B, H, D]
     for chunk in ctx.prefills:
         q = query[chunk.query_start: chunk.query_end].transpose(0, 1).unsqueeze(0)          # [1, H, n, D]
         if chunk.context_slots is None:
