@@ -56,7 +56,8 @@ field_values = {
 valid_texts = st.text(min_size=1, max_size=30)
 valid_field_values = {
     "max_tokens": st.integers(1, MAX_OUTPUT), "max_completion_tokens": st.integers(1, MAX_OUTPUT),
-    "temperature": st.floats(0, 2) | st.sampled_from([1e-40, 1e-30, 3e-6, 1e-5]), "top_p": st.floats(1e-6, 1), "top_k": st.integers(-1, 100),
+    "temperature": st.floats(0, 2) | st.sampled_from([1e-40, 1e-30, 3e-6, 1e-5]), "top_p": st.floats(1e-6, 1),
+    "top_k": st.integers(-1, 100),
     "min_p": st.floats(0, 1), "seed": st.integers(-INT64 - 1, INT64), "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.05, 3),
     "stop": valid_texts | st.lists(valid_texts, max_size=4), "stop_token_ids": st.lists(st.integers(0, 49151),

@@ -16,7 +16,8 @@ def test_locust_200_requests_at_16_concurrent_without_errors(tiny_stack, tmp_pat
     report = tmp_path / "locust.json"
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--users", str(USERS),
                "--spawn-rate", str(USERS), "--host", f"http://127.0.0.1:{tiny_stack.ports.gateway_http}",
-               "--run-time", "600", "--stop-timeout", "60", "--only-summary", "--json-file", str(report.with_suffix(""))]
+               "--run-time", "600", "--stop-timeout", "60", "--only-summary",
+               "--json-file", str(report.with_suffix(""))]   # locust adds .json
     done = subprocess.run(command, env={**os.environ, "LOAD_REQUESTS": str(REQUESTS), "LOAD_MAX_TOKENS": "32"},
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
