@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine_service.attention import paged_attention_core
+from engine_service.linear import Linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -20,13 +21,11 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Linear
+    down: Linear
 
 
 def supports(model: torch.nn.Module) -> bool:
@@ -41,7 +40,7 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 class FastLlama:
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, small_step_bf16: bool = False) -> None:
         config = model.config
         self.hf_model = model
         self.num_heads = config.num_attention_heads
@@ -52,7 +51,7 @@ class FastLlama:
         self.scaling = self.head_dim ** -0.5
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = Linear(model.lm_head.weight, small_step_bf16=small_step_bf16)
         self.rotary = model.model.rotary_emb
         self.layers: list[LayerWeights] = []
         for layer in model.model.layers:
@@ -60,18 +59,16 @@ class FastLlama:
             biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
             self.layers.append(LayerWeights(
                 input_norm=layer.input_layernorm.weight,
-                qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous(),
-                qkv_bias=torch.cat(biases).contiguous() if biases[0] is not None else None,
-                o=attn.o_proj.weight,
-                o_bias=attn.o_proj.bias,
+                qkv=Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                           torch.cat(biases) if biases[0] is not None else None, small_step_bf16),
+                o=Linear(attn.o_proj.weight, attn.o_proj.bias, small_step_bf16),
                 post_norm=layer.post_attention_layernorm.weight,
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
-                down=mlp.down_proj.weight,
+                gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, small_step_bf16),
+                down=Linear(mlp.down_proj.weight, None, small_step_bf16),
             ))
-        # The fused copies replace the originals: drop those so the weights are held once.
-        for layer in model.model.layers:
-            for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                           layer.mlp.gate_proj, layer.mlp.up_proj):
+            # Our copies replace the originals: drop those so the weights are held once (the tied embedding stays).
+            for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                           mlp.down_proj):
                 module.weight = None
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -95,15 +92,15 @@ class FastLlama:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, w in enumerate(self.layers):
             h = self._rms_norm(x, w.input_norm)
-            qkv = F.linear(h, w.qkv, w.qkv_bias)
+            qkv = w.qkv(h)
             q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
             k = qkv[:, q_size: q_size + kv_size].view(tokens, self.num_kv_heads, self.head_dim)
             v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             attn = paged_attention_core(index, self.groups, q, k, v, self.scaling)
-            x = x + F.linear(attn.reshape(tokens, q_size), w.o, w.o_bias)
+            x = x + w.o(attn.reshape(tokens, q_size))
             h = self._rms_norm(x, w.post_norm)
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
         x = self._rms_norm(x.index_select(0, keep), self.final_norm)
-        return F.linear(x, self.lm_head)
+        return self.lm_head(x)

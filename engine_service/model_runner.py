@@ -63,7 +63,7 @@ def _eos_ids(model: torch.nn.Module) -> tuple[int, ...]:
 class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
-                 prefix_caching: bool = True, fault_token_id: int = -1) -> None:
+                 prefix_caching: bool = True, fault_token_id: int = -1, small_step_bf16: bool = False) -> None:
         self.device = device
         self.dtype = dtype
         self.fault_token_id = fault_token_id   # fault injection for tests: a step computing this token raises
@@ -71,7 +71,8 @@ class ModelRunner:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME).to(device).eval()
         # Llama-family models get the hand-written forward pass; any other causal LM runs through transformers.
-        self.fast = llama.FastLlama(self.model) if fast_path and llama.supports(self.model) else None
+        self.fast = (llama.FastLlama(self.model, small_step_bf16) if fast_path and llama.supports(self.model)
+                     else None)
         text_config = self.model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         shape = CacheShape(

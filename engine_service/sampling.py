@@ -20,7 +20,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below 1e-5 the scaled logits overflow; as in vLLM, such temperatures mean greedy.
+        return self.temperature < 1e-5
 
     def validate(self) -> None:
         """Rejects what would corrupt engine state or crash a step; the gateway gives users nicer messages."""

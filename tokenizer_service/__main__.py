@@ -44,7 +44,7 @@ async def serve(config: TokenizerConfig) -> None:
     service = await start_grpc_server(
         lambda server: tokenizer_pb2_grpc.add_TokenizerServicer_to_server(TokenizerServicer(tokenizer), server),
         [SERVICE_NAME], config.host, config.port, config.metrics_port)
-    await run_until_signal(service, "tokenizer")
+    await run_until_signal(service, "tokenizer", grace_seconds=30.0)   # outlives the gateway's drain
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from common.stack import Stack
 from tests.conftest import start_stack
-from tests.helpers import make_request, prompt_ids, reference_greedy, stream, stream_all
+from tests.helpers import check_greedy_close, make_request, prompt_ids, reference_greedy, stream, stream_all
 from tests.prompts import CHATS, PROMPTS
 from splitserve.v1 import gateway_pb2_grpc
 
@@ -23,8 +23,9 @@ ALL_PROMPTS = PROMPTS + CHATS
 
 @pytest.fixture(scope="module")
 def smollm2_stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    # The default model, as `make run` serves it ("smollm2" resolves to the converted GGUF folder).
-    stack = start_stack("smollm2", tmp_path_factory.mktemp("smollm2-logs"))
+    # The default model, as `make run` serves it ("smollm2" resolves to the converted GGUF folder), in fp32
+    # throughout: token-identical to transformers. The bf16 small-step path is checked below, in-process.
+    stack = start_stack("smollm2", tmp_path_factory.mktemp("smollm2-logs"), ["--small-step-bf16", "false"])
     yield stack
     stack.stop()
 
@@ -79,3 +80,36 @@ def test_text_arrives_token_by_token(smollm2_gateway):
         arrivals.append((time.perf_counter(), chunk))
     assert sum(len(c.token_ids) for _, c in arrivals) == 32
     assert len(arrivals) >= 8
+
+
+def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smollm2_model, tokenizer):
+    """The default CPU configuration decodes lone sequences with bf16 weights: one request at a time, every
+    decode step takes that path; outputs may leave transformers' (fp32) only at a near-tie."""
+    import threading
+
+    import torch
+
+    from engine_service.engine import Engine
+    from engine_service.model_runner import ModelRunner
+    from engine_service.sampling import SamplingParams
+
+    runner = ModelRunner(str(smollm2_dir), "smollm2", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 28,
+                         block_size=16, max_model_len=0, small_step_bf16=True)
+    engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=2048, max_waiting=64)
+    engine.start()
+    try:
+        for index, prompt in enumerate(ALL_PROMPTS[:8]):
+            ids = prompt_ids(tokenizer, prompt)
+            done, tokens = threading.Event(), []
+
+            def on_output(token_ids, reason):
+                tokens.extend(token_ids)
+                if reason:
+                    done.set()
+
+            engine.add_request(f"bf16-{index}", ids, SamplingParams(max_tokens=MAX_TOKENS), on_output)
+            assert done.wait(120)
+            check_greedy_close(smollm2_model, ids, tokens, reference_greedy(smollm2_model, ids, MAX_TOKENS),
+                               tolerance=0.5)
+    finally:
+        engine.stop()

@@ -94,3 +94,8 @@ def test_sampling_follows_the_processed_distribution():
     assert counts[~support].sum() == 0
     result = chisquare(counts[support].numpy(), (probs[support] * 20_000).numpy())
     assert result.pvalue > 0.001
+
+
+def test_tiny_temperatures_are_greedy(logits):
+    sampler = Sampler(torch.device("cpu"))
+    assert sampler(logits.unsqueeze(0), [seq(SamplingParams(temperature=1e-40))]) == [int(logits.argmax())]
