@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 import datetime
-import json
-import logging
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

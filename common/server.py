@@ -11,7 +11,8 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.logs import kv
+from common.config import describe, load_config
+from common.logs import kv, setup_logging
 
 log = logging.getLogger("splitserve.server")
 
@@ -99,3 +100,11 @@ async def run_until_signal(service: GrpcService, name: str, on_stop: Callable[[]
     if on_stop is not None:
         await on_stop()
     log.info("stopped %s", kv(service=name))
+
+
+def run_service(config_class: type, description: str, serve: Callable[..., Awaitable[None]], logger: str) -> None:
+    """A service's `main`: config from flags and environment, logging, the config printed, then serve it."""
+    config = load_config(config_class, description=description)
+    setup_logging(config.log_level)
+    logging.getLogger(logger).info("config %s", describe(config))
+    asyncio.run(serve(config))

@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.config import describe, load_config
-from common.logs import setup_logging
 from common.models import DEFAULT_MODEL, model_display_name, resolve_model
-from common.server import run_until_signal, start_grpc_server
+from common.server import run_service, run_until_signal, start_grpc_server
 from engine_service.engine import Engine
 from engine_service.model_runner import ModelRunner, pick_device, pick_dtype
 from engine_service.server import EngineServicer
@@ -75,10 +73,7 @@ async def serve(config: EngineConfig) -> None:
 
 
 def main() -> None:
-    config = load_config(EngineConfig, description="splitserve engine service")
-    setup_logging(config.log_level)
-    log.info("config %s", describe(config))
-    asyncio.run(serve(config))
+    run_service(EngineConfig, "splitserve engine service", serve, "splitserve.engine")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from common.logs import kv
-from engine_service.engine import Engine, EngineFullError, RequestError
+from engine_service.engine import Engine, EngineFullError
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence
 from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc

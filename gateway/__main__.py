@@ -2,13 +2,11 @@
 tokenizer and engine services."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from common.config import describe, load_config
-from common.logs import kv, setup_logging
-from common.server import run_until_signal, start_grpc_server
+from common.logs import kv
+from common.server import run_service, run_until_signal, start_grpc_server
 from gateway.admission import Admission
 from gateway.openai_api import OpenAIServer
 from gateway.pipeline import Pipeline
@@ -79,10 +77,7 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def main() -> None:
-    config = load_config(GatewayConfig, description="splitserve gateway")
-    setup_logging(config.log_level)
-    log.info("config %s", describe(config))
-    asyncio.run(serve(config))
+    run_service(GatewayConfig, "splitserve gateway", serve, "splitserve.gateway")
 
 
 if __name__ == "__main__":

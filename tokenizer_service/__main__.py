@@ -1,15 +1,13 @@
 """`python -m tokenizer_service`: serves the Tokenizer gRPC service (health, reflection, /metrics)."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
 
-from common.config import describe, load_config
-from common.logs import kv, setup_logging
+from common.logs import kv
 from common.models import model_display_name, resolve_model
-from common.server import run_until_signal, start_grpc_server
+from common.server import run_service, run_until_signal, start_grpc_server
 from splitserve.v1 import tokenizer_pb2_grpc
 from tokenizer_service.server import TokenizerServicer
 from tokenizer_service.tokenizer import PromptTokenizer
@@ -48,10 +46,7 @@ async def serve(config: TokenizerConfig) -> None:
 
 
 def main() -> None:
-    config = load_config(TokenizerConfig, description="splitserve tokenizer service")
-    setup_logging(config.log_level)
-    log.info("config %s", describe(config))
-    asyncio.run(serve(config))
+    run_service(TokenizerConfig, "splitserve tokenizer service", serve, "splitserve.tokenizer")
 
 
 if __name__ == "__main__":

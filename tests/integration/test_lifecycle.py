@@ -1,7 +1,6 @@
 """Cancellation, deadlines, a dead engine, metrics, health and reflection, on the real servers."""
 from __future__ import annotations
 
-import threading
 import time
 import urllib.request
 
