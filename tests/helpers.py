@@ -64,6 +64,32 @@ def reference_greedy(model, ids: list[int], max_new_tokens: int, **generate_kwar
     return out[0, len(ids):].tolist()
 
 
+def greedy_batch(stub: gateway_pb2_grpc.GatewayStub, prompts: list, max_tokens: int) -> list[Streamed]:
+    """The equivalence tests' requests: every prompt, greedy, sent 8 at a time so that batching is exercised."""
+    return stream_all(stub, [make_request(p, max_tokens=max_tokens, temperature=0.0) for p in prompts],
+                      concurrency=8)
+
+
+def assert_equals_generate(got: Streamed, model, tokenizer, prompt, max_tokens: int) -> None:
+    """Streamed token ids == transformers' greedy `generate`; finish reason and usage agree with it."""
+    ids = prompt_ids(tokenizer, prompt)
+    expected = reference_greedy(model, ids, max_tokens)
+    assert got.token_ids == expected
+    assert got.last.finish_reason == ("stop" if len(expected) < max_tokens else "length")
+    assert got.last.usage.prompt_tokens == len(ids)
+    assert got.last.usage.completion_tokens == len(expected)
+
+
+def assert_text_is_decode_of_ids(got: Streamed, tokenizer) -> None:
+    """The chunks' text concatenates to the decode of the streamed ids; no broken character unless the decode
+    has one; only the last chunk may be textless (an EOS, or a partial character flushed at the end)."""
+    full = tokenizer.decode(got.token_ids, skip_special_tokens=True)
+    assert got.text == full
+    if "\ufffd" not in full:
+        assert all("\ufffd" not in chunk.text for chunk in got.chunks)
+    assert all(chunk.text for chunk in got.chunks[:-1])
+
+
 def rpc_error(call) -> grpc.RpcError:
     """Runs a call expected to fail and returns its error."""
     try:

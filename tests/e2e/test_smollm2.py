@@ -11,7 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from common.stack import Stack
 from tests.conftest import start_stack
-from tests.helpers import check_greedy_close, make_request, prompt_ids, reference_greedy, stream, stream_all
+from tests.helpers import (
+    assert_equals_generate, assert_text_is_decode_of_ids, check_greedy_close, greedy_batch, make_request, prompt_ids,
+    reference_greedy, stream,
+)
 from tests.prompts import CHATS, PROMPTS
 from splitserve.v1 import gateway_pb2_grpc
 
@@ -43,26 +46,17 @@ def smollm2_model(smollm2_dir: Path):
 
 @pytest.fixture(scope="module")
 def greedy_results(smollm2_gateway):
-    requests = [make_request(p, max_tokens=MAX_TOKENS, temperature=0.0) for p in ALL_PROMPTS]
-    return stream_all(smollm2_gateway, requests, concurrency=8)
+    return greedy_batch(smollm2_gateway, ALL_PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("index", range(len(ALL_PROMPTS)))
 def test_greedy_tokens_equal_transformers_generate(greedy_results, smollm2_model, tokenizer, index):
-    prompt = ALL_PROMPTS[index]
-    expected = reference_greedy(smollm2_model, prompt_ids(tokenizer, prompt), MAX_TOKENS)
-    got = greedy_results[index]
-    assert got.token_ids == expected
-    assert got.last.finish_reason == ("stop" if len(expected) < MAX_TOKENS else "length")
+    assert_equals_generate(greedy_results[index], smollm2_model, tokenizer, ALL_PROMPTS[index], MAX_TOKENS)
 
 
 @pytest.mark.parametrize("index", range(len(ALL_PROMPTS)))
 def test_streamed_text_is_the_decode_of_the_streamed_ids(greedy_results, tokenizer, index):
-    got = greedy_results[index]
-    full = tokenizer.decode(got.token_ids, skip_special_tokens=True)
-    assert got.text == full
-    if "\ufffd" not in full:
-        assert all("\ufffd" not in chunk.text for chunk in got.chunks)
+    assert_text_is_decode_of_ids(greedy_results[index], tokenizer)
 
 
 def test_chat_answer_names_paris(smollm2_gateway):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import make_request, prompt_ids, reference_greedy, stream, stream_all
+from tests.helpers import (
+    assert_equals_generate, assert_text_is_decode_of_ids, greedy_batch, make_request, prompt_ids, reference_greedy, stream,
+)
 from tests.prompts import CHATS, PROMPTS
 
 MAX_TOKENS = 24
@@ -12,31 +14,17 @@ ALL_PROMPTS = PROMPTS + CHATS
 
 @pytest.fixture(scope="module")
 def greedy_results(gateway):
-    requests = [make_request(p, max_tokens=MAX_TOKENS, temperature=0.0) for p in ALL_PROMPTS]
-    return stream_all(gateway, requests, concurrency=8)
+    return greedy_batch(gateway, ALL_PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("index", range(len(ALL_PROMPTS)))
 def test_greedy_tokens_equal_transformers_generate(greedy_results, tiny_model, tokenizer, index):
-    prompt = ALL_PROMPTS[index]
-    ids = prompt_ids(tokenizer, prompt)
-    expected = reference_greedy(tiny_model, ids, MAX_TOKENS)
-    got = greedy_results[index]
-    assert got.token_ids == expected
-    assert got.last.finish_reason == ("stop" if len(expected) < MAX_TOKENS else "length")
-    assert got.last.usage.prompt_tokens == len(ids)
-    assert got.last.usage.completion_tokens == len(expected)
+    assert_equals_generate(greedy_results[index], tiny_model, tokenizer, ALL_PROMPTS[index], MAX_TOKENS)
 
 
 @pytest.mark.parametrize("index", range(len(ALL_PROMPTS)))
 def test_streamed_text_is_the_decode_of_the_streamed_ids(greedy_results, tokenizer, index):
-    got = greedy_results[index]
-    full = tokenizer.decode(got.token_ids, skip_special_tokens=True)
-    assert got.text == full
-    if "\ufffd" not in full:
-        assert all("\ufffd" not in chunk.text for chunk in got.chunks)
-    # Only the last chunk may be textless (e.g. an EOS or a held-back partial character at the end).
-    assert all(chunk.text for chunk in got.chunks[:-1])
+    assert_text_is_decode_of_ids(greedy_results[index], tokenizer)
 
 
 def test_ignore_eos_runs_to_max_tokens(gateway):
