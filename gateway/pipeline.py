@@ -90,6 +90,12 @@ class Pipeline:
                 yield chunk
             metrics.E2E_LATENCY.observe(time.perf_counter() - timings.received)
             timings.observe()
+        except GatewayError as exc:
+            # Once the deadline has passed, a downstream call may fail in any way (a stream cut mid-write reports
+            # INTERNAL): the cause is the deadline.
+            if deadline is not None and time.monotonic() >= deadline and exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired") from exc
+            raise
         finally:
             if timings.engine is not None:
                 self.router.release(timings.engine)
