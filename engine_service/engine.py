@@ -161,8 +161,7 @@ class Engine:
     def _run(self, chunks: list[ScheduledChunk]) -> None:
         """One forward pass over the chunks, then sampling and delivery. Writing a chunk's keys/values again
         is harmless, so a failed batch can be rerun piecewise."""
-        logits = self.runner.forward(chunks)
-        sampling = [c for c in chunks if c.samples]
+        logits, sampling = self.runner.forward(chunks)
         tokens = self.sampler(logits, [c.seq for c in sampling]) if sampling else []
         for c in chunks:
             c.seq.num_computed = c.end

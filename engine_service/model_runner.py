@@ -110,8 +110,9 @@ class ModelRunner:
         return blocks * self.block_size + positions % self.block_size
 
     @torch.inference_mode()
-    def forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Runs one step; returns the last logits of each chunk that samples, in `chunks` order: [S, vocab]."""
+    def forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Runs one step; returns the last logits of each chunk that samples ([S, vocab]) and those chunks, in
+        the order of the rows."""
         decodes = [c for c in chunks if c.is_decode]
         prefills = [c for c in chunks if not c.is_decode]
         ordered = decodes + prefills
@@ -172,9 +173,4 @@ class ModelRunner:
                                     use_cache=False, logits_to_keep=keep_rows).logits[0]
         finally:
             attention.set_step_context(None)
-        # Rows are in `ordered` order; return them in `chunks` order for the sampling chunks.
-        row_of = {id(c): r for r, c in enumerate(c for c in ordered if c.samples)}
-        sampling = [c for c in chunks if c.samples]
-        if [id(c) for c in sampling] == [id(c) for c in ordered if c.samples]:
-            return logits
-        return logits[torch.tensor([row_of[id(c)] for c in sampling], device=logits.device)]
+        return logits, [c for c in ordered if c.samples]

@@ -66,8 +66,7 @@ class Scheduler:
             end = min(seq.num_tokens, seq.num_computed + budget)
             while not self.blocks.can_allocate(seq, end):
                 victim = self.running[-1]
-                self._preempt(victim)
-                chunks = [c for c in chunks if c.seq is not victim]
+                self._preempt(victim)   # the youngest is never before seq in the list: it has no chunk yet
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
