@@ -13,7 +13,7 @@ def inprocess_throughput(engine: Engine, prompts_ids: list[list[int]], max_token
     counts = [0] * len(prompts_ids)
 
     def callback(index: int):
-        def on_output(token_ids: list[int], reason: str) -> None:
+        def on_output(token_ids: list[int], reason: str, logprobs: list) -> None:
             counts[index] += len(token_ids)
             if reason:
                 done.release()

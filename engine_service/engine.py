@@ -19,7 +19,7 @@ from engine_service.model_runner import ModelRunner
 from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import ScheduledChunk, Scheduler
-from engine_service.sequence import OutputCallback, Sequence, SequenceStatus
+from engine_service.sequence import OutputCallback, Sequence, SequenceStatus, TokenLogprobs
 
 log = logging.getLogger("splitserve.engine")
 
@@ -128,7 +128,7 @@ class Engine:
                 with self._pending_lock:
                     self._pending -= 1
                 if payload.request_id in self._live:
-                    payload.on_output([], "abort")
+                    payload.on_output([], "abort", [])
                     log.warning("duplicate request id %s", kv(request_id=payload.request_id))
                     continue
                 self._live[payload.request_id] = payload
@@ -162,15 +162,16 @@ class Engine:
         """One forward pass over the chunks, then sampling and delivery. Writing a chunk's keys/values again
         is harmless, so a failed batch can be rerun piecewise."""
         logits, sampling = self.runner.forward(chunks)
-        tokens = self.sampler(logits, [c.seq for c in sampling]) if sampling else []
+        sampled = self.sampler(logits, [c.seq for c in sampling]) if sampling else None
         for c in chunks:
             c.seq.num_computed = c.end
             self.scheduler.blocks.register_full_blocks(c.seq)
         now = time.perf_counter()
-        for c, token in zip(sampling, tokens):
-            self._append_token(c.seq, token, now)
+        if sampled is not None:
+            for c, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
+                self._append_token(c.seq, token, now, logprobs)
 
-    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+    def _append_token(self, seq: Sequence, token: int, now: float, logprobs: TokenLogprobs | None = None) -> None:
         seq.output_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -180,18 +181,20 @@ class Engine:
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.spec.max_context_length:
             reason = "length"
+        lp = [logprobs] if logprobs is not None else []
         if reason:
-            self._finish(seq, reason, [token])
+            self._finish(seq, reason, [token], lp)
         else:
-            seq.on_output([token], "")
+            seq.on_output([token], "", lp)
 
-    def _finish(self, seq: Sequence, reason: str, last_tokens: list[int] | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, last_tokens: list[int] | None = None,
+                logprobs: list[TokenLogprobs] | None = None) -> None:
         if seq.status is SequenceStatus.FINISHED:
             return
         self.scheduler.finish(seq, reason)
         self._live.pop(seq.request_id, None)
         metrics.REQUESTS_FINISHED.labels(finish_reason=reason).inc()
-        seq.on_output(last_tokens or [], reason)
+        seq.on_output(last_tokens or [], reason, logprobs or [])
 
     def _publish_gauges(self) -> None:
         stats = self.stats()

@@ -6,9 +6,17 @@ whatever else is in the batch).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from engine_service.sequence import Sequence
+from engine_service.sequence import Sequence, TokenLogprobs
+
+
+@dataclass
+class SampleOutput:
+    tokens: list[int]                          # one per row
+    logprobs: list[TokenLogprobs | None]       # one per row; None where the sequence did not ask for them
 
 
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: torch.Tensor, penalty: float) -> None:
@@ -66,9 +74,10 @@ class Sampler:
             seq.generator.manual_seed(seq.params.seed)
         return seq.generator
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """logits: [len(seqs), vocab] in any float dtype; returns one token per sequence."""
         logits = logits.float()
+        raw = logits.clone() if any(seq.params.logprobs is not None for seq in seqs) else None
         greedy_rows = [i for i, seq in enumerate(seqs) if seq.params.greedy]
         for i, seq in enumerate(seqs):
             if seq.params.repetition_penalty != 1.0:
@@ -91,4 +100,13 @@ class Sampler:
             row = apply_min_p(row, seq.params.min_p)
             probs = row.softmax(dim=-1)
             tokens[i] = int(torch.multinomial(probs, 1, generator=self.generator_for(seq)).item())
-        return tokens
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        if raw is not None:
+            for i, seq in enumerate(seqs):
+                if seq.params.logprobs is None:
+                    continue
+                row = raw[i].log_softmax(dim=-1)
+                top = row.topk(seq.params.logprobs) if seq.params.logprobs else None
+                logprobs[i] = TokenLogprobs(tokens[i], float(row[tokens[i]]), () if top is None else tuple(
+                    zip(top.indices.tolist(), top.values.tolist())))
+        return SampleOutput(tokens, logprobs)

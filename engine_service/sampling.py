@@ -17,6 +17,18 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None       # None: none; 0: the chosen token's; N: also the top N alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    # Decoding strategy (at most one): beam search, contrastive search, or a speculative mode.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+    penalty_alpha: float = 0.0        # contrastive search when > 0 (with top_k candidates)
+    speculative: str = ""             # "", "prompt_lookup", "draft", "lookahead"
+    num_speculative_tokens: int = 0   # 0 = the engine's default
+    prompt_lookup_max_ngram: int = 0  # 0 = default
+    lookahead_window: int = 0         # 0 = default
+    lookahead_ngram: int = 0          # 0 = default
 
     @property
     def greedy(self) -> bool:

@@ -10,8 +10,18 @@ import torch
 
 from engine_service.sampling import SamplingParams
 
-# Called from the step loop with the new token ids and the finish reason ("" while running).
-OutputCallback = Callable[[list[int], str], None]
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A chosen token's log-probability under the model's distribution, and the most likely alternatives."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()   # (token id, logprob), most likely first
+
+
+# Called from the step loop with the new token ids, the finish reason ("" while running) and, when the request
+# asked for them, one TokenLogprobs per token id (else an empty list).
+OutputCallback = Callable[[list[int], str, list[TokenLogprobs]], None]
 
 
 class SequenceStatus(enum.Enum):

@@ -78,7 +78,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         loop = asyncio.get_running_loop()
         stream = OutputStream(first=loop.create_future())
 
-        def on_output(token_ids: list[int], reason: str) -> None:
+        def on_output(token_ids: list[int], reason: str, logprobs: list) -> None:
             loop.call_soon_threadsafe(stream.push, token_ids, reason)
 
         try:

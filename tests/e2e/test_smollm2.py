@@ -96,7 +96,7 @@ def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smoll
             ids = prompt_ids(tokenizer, prompt)
             done, tokens = threading.Event(), []
 
-            def on_output(token_ids, reason):
+            def on_output(token_ids, reason, logprobs):
                 tokens.extend(token_ids)
                 if reason:
                     done.set()

@@ -28,7 +28,7 @@ class Collector:
     def callback(self, request_id: str):
         self.tokens[request_id] = []
 
-        def on_output(token_ids: list[int], reason: str) -> None:
+        def on_output(token_ids: list[int], reason: str, logprobs: list) -> None:
             with self.lock:
                 self.tokens[request_id].extend(token_ids)
                 if reason:

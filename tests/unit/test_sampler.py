@@ -64,17 +64,17 @@ def test_presence_and_frequency_penalties_follow_openai(logits):
 
 
 def seq(params: SamplingParams, request_id: str = "s") -> Sequence:
-    return Sequence(request_id=request_id, prompt_ids=[1, 2, 3], params=params, on_output=lambda ids, reason: None)
+    return Sequence(request_id=request_id, prompt_ids=[1, 2, 3], params=params, on_output=lambda ids, reason, logprobs: None)
 
 
 def test_greedy_rows_take_the_argmax_and_sampled_rows_follow_their_seed(logits):
     sampler = Sampler(torch.device("cpu"))
     batch = torch.stack([logits, logits.flip(0)])
     greedy = seq(SamplingParams())
-    tokens = sampler(batch, [greedy, seq(SamplingParams(temperature=1.0, seed=7))])
+    tokens = sampler(batch, [greedy, seq(SamplingParams(temperature=1.0, seed=7))]).tokens
     assert tokens[0] == int(logits.argmax())
     alone = Sampler(torch.device("cpu"))(logits.flip(0).unsqueeze(0), [seq(SamplingParams(temperature=1.0, seed=7))])
-    assert tokens[1] == alone[0]
+    assert tokens[1] == alone.tokens[0]
 
 
 def test_sampling_follows_the_processed_distribution():
@@ -89,7 +89,7 @@ def test_sampling_follows_the_processed_distribution():
     s = seq(params)
     counts = torch.zeros(len(logits))
     for _ in range(20_000):
-        counts[sampler(logits.unsqueeze(0), [s])[0]] += 1
+        counts[sampler(logits.unsqueeze(0), [s]).tokens[0]] += 1
     support = probs > 0
     assert counts[~support].sum() == 0
     result = chisquare(counts[support].numpy(), (probs[support] * 20_000).numpy())
@@ -98,4 +98,4 @@ def test_sampling_follows_the_processed_distribution():
 
 def test_tiny_temperatures_are_greedy(logits):
     sampler = Sampler(torch.device("cpu"))
-    assert sampler(logits.unsqueeze(0), [seq(SamplingParams(temperature=1e-40))]) == [int(logits.argmax())]
+    assert sampler(logits.unsqueeze(0), [seq(SamplingParams(temperature=1e-40))]).tokens == [int(logits.argmax())]
