@@ -4,6 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+MAX_LOGPROBS = 20
+SPECULATIVE_MODES = ("", "prompt_lookup", "draft", "lookahead")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -49,3 +53,20 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if any(token < 0 for token, _ in self.logit_bias):
+            raise ValueError("logit_bias keys must be non-negative token ids")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        strategies = [name for name, on in (("num_beams", self.num_beams > 1), ("penalty_alpha", self.penalty_alpha > 0),
+                                            ("speculative", bool(self.speculative))) if on]
+        if len(strategies) > 1:
+            raise ValueError(f"{' and '.join(strategies)} select different decoding strategies; use one")
+        if self.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(repr(m) for m in SPECULATIVE_MODES)}, "
+                             f"got {self.speculative!r}")
+        if (self.num_beams > 1 or self.penalty_alpha > 0 or self.speculative == "lookahead") and not self.greedy:
+            raise ValueError(f"{strategies[0]} is a greedy strategy: temperature must be 0")
+        if self.penalty_alpha > 0 and self.top_k < 2:
+            raise ValueError("contrastive search (penalty_alpha > 0) needs top_k >= 2 candidates")
