@@ -22,6 +22,7 @@ class PrefillChunk:
     query_end: int
     cached_len: int             # tokens of this sequence already in the KV cache before this chunk
     context_slots: torch.Tensor | None   # cache slots of all cached_len + chunk tokens; None when cached_len == 0
+    mask: torch.Tensor | None = None     # [n, len(context_slots)] True where attended; None: causal
 
 
 @dataclass
@@ -87,8 +88,10 @@ def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torc
             k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)   # [1, Hkv, L, D]
             v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
             n, total = q.shape[2], k.shape[2]
-            rows = torch.arange(n, device=q.device).unsqueeze(1) + chunk.cached_len
-            mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows      # [n, L]
+            mask = chunk.mask
+            if mask is None:
+                rows = torch.arange(n, device=q.device).unsqueeze(1) + chunk.cached_len
+                mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows  # [n, L]
             if groups > 1:
                 k = k.repeat_interleave(groups, dim=1)
                 v = v.repeat_interleave(groups, dim=1)

@@ -121,10 +121,20 @@ class BlockManager:
 
 
 class KVCache:
-    """Per-layer [num_blocks * block_size, kv_heads, head_dim] key and value tensors."""
+    """Per-layer [num_blocks * block_size + scratch_slots, kv_heads, head_dim] key and value tensors.
 
-    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int, device: torch.device) -> None:
-        slots = num_blocks * block_size
+    The scratch slots past the blocks hold the keys/values of a step's speculative tree rows (several guesses at
+    the same position); the accepted ones are copied to their sequence's blocks afterwards."""
+
+    def __init__(self, shape: CacheShape, num_blocks: int, block_size: int, device: torch.device,
+                 scratch_slots: int = 0) -> None:
+        self.scratch_base = num_blocks * block_size
+        self.scratch_slots = scratch_slots
+        slots = self.scratch_base + scratch_slots
         self.k = [torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
                   for _ in range(shape.num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
+
+    def copy_slots(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        for cache in (*self.k, *self.v):
+            cache.index_copy_(0, target, cache.index_select(0, source))

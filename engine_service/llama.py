@@ -83,14 +83,18 @@ class FastLlama:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T]; keep: rows whose logits are wanted -> logits [len(keep), vocab]."""
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+                 hidden_rows: torch.Tensor | None = None, num_layers: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids, positions: [T]; keep: rows whose logits are wanted -> (logits [len(keep), vocab], the
+        final-normed hidden states of hidden_rows or None). num_layers < all: an early exit (the draft model of
+        self-speculative decoding: the first layers, then the final norm and head)."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
         tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        for index, w in enumerate(self.layers):
+        for index, w in enumerate(self.layers[:num_layers]):
             h = self._rms_norm(x, w.input_norm)
             qkv = w.qkv(h)
             q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
@@ -102,5 +106,6 @@ class FastLlama:
             h = self._rms_norm(x, w.post_norm)
             gate, up = w.gate_up(h).chunk(2, dim=-1)
             x = x + w.down(F.silu(gate) * up)
+        hidden = None if hidden_rows is None else self._rms_norm(x.index_select(0, hidden_rows), self.final_norm)
         x = self._rms_norm(x.index_select(0, keep), self.final_norm)
-        return self.lm_head(x)
+        return self.lm_head(x), hidden

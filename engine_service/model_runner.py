@@ -18,6 +18,8 @@ from engine_service.kv_cache import BlockManager, CacheShape, KVCache
 from engine_service.scheduler import ScheduledChunk
 
 log = logging.getLogger("splitserve.engine.model")
+# Cache slots for the speculative rows of one step that share a position (lookahead and contrastive guesses).
+SCRATCH_SLOTS = 512
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class ModelRunner:
         num_blocks = max(1, kv_cache_bytes // (shape.bytes_per_token() * block_size))
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.cache = KVCache(shape, num_blocks, block_size, device)
+        self.cache = KVCache(shape, num_blocks, block_size, device, scratch_slots=SCRATCH_SLOTS)
         context = getattr(text_config, "max_position_embeddings", None) or getattr(config, "max_position_embeddings")
         if max_model_len > 0:
             context = min(context, max_model_len)
@@ -110,32 +112,38 @@ class ModelRunner:
         return blocks * self.block_size + positions % self.block_size
 
     @torch.inference_mode()
-    def forward(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+    def forward(self, chunks: list[ScheduledChunk], num_layers: int | None = None
+                ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
         """Runs one step; returns the last logits of each chunk that samples ([S, vocab]) and those chunks, in
-        the order of the rows."""
-        decodes = [c for c in chunks if c.is_decode]
-        prefills = [c for c in chunks if not c.is_decode]
-        ordered = decodes + prefills
+        the order of the rows. Tree chunks (a strategy's guesses) get all their rows' logits in `chunk.logits`;
+        chunks with want_hidden get their rows' final hidden states in `chunk.hidden`; every chunk gets the
+        cache slots it wrote in `chunk.slots`. num_layers: run only the first layers (a self-speculative draft)."""
+        decodes = [c for c in chunks if c.is_decode and c.tree is None]
+        others = [c for c in chunks if not (c.is_decode and c.tree is None)]
+        ordered = decodes + others
         device = self.device
         token_ids: list[int] = []
         positions: list[int] = []
         for c in decodes:
             token_ids.append(c.seq.token_at(c.start))
             positions.append(c.start)
-        for c in prefills:
-            token_ids.extend(c.seq.tokens(c.start, c.end))
-            positions.extend(range(c.start, c.end))
+        for c in others:
+            if c.tree is not None:
+                token_ids.extend(c.tree.tokens)
+                positions.extend(c.start + offset for offset in c.tree.offsets)
+            else:
+                token_ids.extend(c.seq.tokens(c.start, c.end))
+                positions.extend(range(c.start, c.end))
         if self.fault_token_id >= 0 and self.fault_token_id in token_ids:
             raise RuntimeError(f"injected fault: token {self.fault_token_id} in the step")
         position_tensor = torch.tensor(positions, dtype=torch.long)
-        # Slot of every new token, from its sequence's block table.
-        owners = [i for i, c in enumerate(ordered) for _ in range(c.end - c.start)]
         width = max(len(c.seq.block_table) for c in ordered)
         table = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in ordered],
                              dtype=torch.long)
-        slot_mapping = self._slots(table[owners], position_tensor.unsqueeze(1)).squeeze(1)
+        slot_parts: list[torch.Tensor] = []
         decode_slots = decode_mask = None
         if decodes:
+            slot_parts.append(self._slots(table[: len(decodes)], position_tensor[: len(decodes)].unsqueeze(1))[:, 0])
             lengths = torch.tensor([c.end for c in decodes], dtype=torch.long)
             max_len = int(lengths.max())
             span = torch.arange(max_len, dtype=torch.long).expand(len(decodes), max_len)
@@ -144,33 +152,82 @@ class ModelRunner:
             if not bool(valid.all()):
                 decode_mask = valid.view(len(decodes), 1, 1, max_len).to(device)
             decode_slots = decode_slots.to(device)
+            for c, slot in zip(decodes, slot_parts[0].tolist()):
+                c.slots = [slot]
         prefill_chunks: list[attention.PrefillChunk] = []
-        offset = len(decodes)
-        for i, c in enumerate(prefills):
-            n = c.end - c.start
-            context_slots = None
+        plain_chunks = [c for c in decodes if c.samples]
+        keep: list[int] = [i for i, c in enumerate(decodes) if c.samples]   # plain sampling rows first
+        tree_keep: list[int] = []
+        tree_rows: list[tuple[ScheduledChunk, int, int]] = []               # (chunk, first row in tree_keep, count)
+        hidden: list[int] = []
+        hidden_chunks: list[tuple[ScheduledChunk, int, int]] = []
+        offset, scratch_used = len(decodes), 0
+        for i, c in enumerate(others):
+            row = table[len(decodes) + i]
+            n = len(c.tree.tokens) if c.tree is not None else c.end - c.start
+            scratch = c.tree is not None and not _is_chain(c.tree)
+            if scratch:  # guesses share positions: their keys/values go to scratch slots until accepted
+                if scratch_used + n > self.cache.scratch_slots:
+                    raise RuntimeError("the step's speculative rows exceed the KV cache's scratch slots")
+                slots = torch.arange(n, dtype=torch.long) + self.cache.scratch_base + scratch_used
+                scratch_used += n
+            else:
+                slots = self._slots(row, position_tensor[offset: offset + n])
+            slot_parts.append(slots)
+            c.slots = slots.tolist()
+            context_slots = mask = None
             if c.start > 0:
-                row = table[len(decodes) + i]
-                context_slots = self._slots(row, torch.arange(c.end, dtype=torch.long)).to(device)
-            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots))
+                context_slots = torch.cat([self._slots(row, torch.arange(c.start, dtype=torch.long)), slots])
+                if scratch:
+                    tree_mask = torch.tensor(c.tree.mask, dtype=torch.bool)
+                    mask = torch.cat([torch.ones(n, c.start, dtype=torch.bool), tree_mask], dim=1).to(device)
+                context_slots = context_slots.to(device)
+            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots, mask))
+            if c.tree is not None:
+                tree_rows.append((c, len(tree_keep), n))
+                tree_keep.extend(range(offset, offset + n))
+            elif c.samples:
+                keep.append(offset + n - 1)
+                plain_chunks.append(c)
+            if c.want_hidden:
+                hidden_chunks.append((c, len(hidden), n))
+                hidden.extend(range(offset, offset + n))
             offset += n
-        keep = [i for i, c in enumerate(decodes) if c.samples]
-        start = len(decodes)
-        for c in prefills:
-            start += c.end - c.start
-            if c.samples:
-                keep.append(start - 1)
+        num_plain = len(keep)
+        keep.extend(tree_keep)
         attention.set_step_context(attention.StepContext(
-            k_cache=self.cache.k, v_cache=self.cache.v, slot_mapping=slot_mapping.to(device),
+            k_cache=self.cache.k, v_cache=self.cache.v, slot_mapping=torch.cat(slot_parts).to(device),
             num_decode=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefill_chunks))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         keep_rows = torch.tensor(keep, dtype=torch.long, device=device)
+        hidden_rows = torch.tensor(hidden, dtype=torch.long, device=device) if hidden else None
         try:
             if self.fast is not None:
-                logits = self.fast(input_ids, position_tensor.to(device), keep_rows)
+                logits, states = self.fast(input_ids, position_tensor.to(device), keep_rows, hidden_rows, num_layers)
             else:
-                logits = self.model(input_ids=input_ids.unsqueeze(0), position_ids=position_tensor.unsqueeze(0).to(device),
-                                    use_cache=False, logits_to_keep=keep_rows).logits[0]
+                if num_layers is not None:
+                    raise RuntimeError("early-exit drafts need the Llama-family fast path")
+                out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=position_tensor.unsqueeze(0).to(device),
+                                 use_cache=False, logits_to_keep=keep_rows, output_hidden_states=bool(hidden))
+                logits = out.logits[0]
+                states = out.hidden_states[-1][0].index_select(0, hidden_rows) if hidden else None
         finally:
             attention.set_step_context(None)
-        return logits, [c for c in ordered if c.samples]
+        for c, first, n in tree_rows:
+            c.logits = logits[num_plain + first: num_plain + first + n]
+        for c, first, n in hidden_chunks:
+            c.hidden = states[first: first + n]
+        return logits[:num_plain], plain_chunks
+
+    def commit(self, source_slots: list[int], seq_block_table: list[int], start: int) -> None:
+        """Copies accepted speculative rows' keys/values from scratch slots to positions start.. of a sequence."""
+        table = torch.tensor(seq_block_table, dtype=torch.long)
+        target = self._slots(table, torch.arange(start, start + len(source_slots), dtype=torch.long))
+        self.cache.copy_slots(torch.tensor(source_slots, dtype=torch.long, device=self.device), target.to(self.device))
+
+
+def _is_chain(tree) -> bool:
+    """A linear run of guesses (offsets 0, 1, 2... each attending all before it) can be written in place."""
+    n = len(tree.tokens)
+    return list(tree.offsets) == list(range(n)) and all(
+        tree.mask[i][j] == (j <= i) for i in range(n) for j in range(n))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from engine_service.kv_cache import BlockManager
 from engine_service.sequence import Sequence, SequenceStatus
@@ -18,11 +19,19 @@ class ScheduledChunk:
     seq: Sequence
     start: int          # first position computed in this step
     end: int            # one past the last
+    # Set by the engine for a decoding strategy's step (speculative, lookahead, contrastive): rows of guessed
+    # tokens at positions start + offsets, with their own attention mask among themselves (a DraftTree).
+    tree: Any = None
+    want_hidden: bool = False   # the runner returns the final hidden state of every row (contrastive search)
+    # Filled by the runner: a tree's logits for every row, the hidden states, and the cache slots written.
+    logits: Any = None
+    hidden: Any = None
+    slots: Any = None
 
     @property
     def samples(self) -> bool:
         """True when the chunk reaches the end of the sequence, so its last logits give the next token."""
-        return self.end == self.seq.num_tokens
+        return self.tree is None and self.end == self.seq.num_tokens
 
     @property
     def is_decode(self) -> bool:
