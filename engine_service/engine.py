@@ -15,8 +15,10 @@ import torch
 
 from common.logs import kv
 from engine_service import metrics
-from engine_service.model_runner import ModelRunner
+from engine_service.model_runner import ModelRunner, in_place
+from engine_service.drafting import chain
 from engine_service.sampler import Sampler
+from engine_service.strategies import make_strategy
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceStatus, TokenLogprobs
@@ -42,9 +44,13 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_waiting: int) -> None:
-        """The runner owns the KV cache and its block manager; the scheduler decides over its blocks."""
+                 max_waiting: int, draft_layers: int = 0) -> None:
+        """The runner owns the KV cache and its block manager; the scheduler decides over its blocks.
+        draft_layers > 0: speculative "draft" requests draft with the target's first draft_layers layers."""
         self.runner = runner
+        self.draft_layers = draft_layers if runner.fast is not None else 0
+        self.spec_draft_tokens = 0          # guesses verified / accepted by speculative and lookahead steps
+        self.spec_accepted_tokens = 0
         self.spec = runner.spec
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens)
         self.sampler = Sampler(runner.device)
@@ -88,7 +94,12 @@ class Engine:
             if stats.waiting + self._pending >= self.max_waiting:
                 raise EngineFullError(f"the engine's waiting queue is full ({self.max_waiting} requests)")
             self._pending += 1
-        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, on_output=on_output)
+        try:
+            strategy = make_strategy(params, context, self.draft_layers)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, on_output=on_output,
+                       strategy=strategy)
         self._inbox.put(("add", seq))
         return seq
 
@@ -161,15 +172,107 @@ class Engine:
     def _run(self, chunks: list[ScheduledChunk]) -> None:
         """One forward pass over the chunks, then sampling and delivery. Writing a chunk's keys/values again
         is harmless, so a failed batch can be rerun piecewise."""
+        chunks = self._plan(chunks)
         logits, sampling = self.runner.forward(chunks)
-        sampled = self.sampler(logits, [c.seq for c in sampling]) if sampling else None
+        plain = [i for i, c in enumerate(sampling) if not _consumes_prefill(c.seq)]
+        sampled = None
+        if plain:
+            rows = logits if len(plain) == len(sampling) else logits[plain]
+            sampled = self.sampler(rows, [sampling[i].seq for i in plain])
+        last_logits = {id(c): logits[i] for i, c in enumerate(sampling)}
         for c in chunks:
+            c.seq.num_steps += 1
+            if c.tree is not None:
+                continue
+            strategy = c.seq.strategy
+            if strategy is not None and strategy.wants_hidden:
+                strategy.after_prefill(c.seq, last_logits.get(id(c)), c.hidden, c.start)
             c.seq.num_computed = c.end
             self.scheduler.blocks.register_full_blocks(c.seq)
         now = time.perf_counter()
         if sampled is not None:
-            for c, token, logprobs in zip(sampling, sampled.tokens, sampled.logprobs):
-                self._append_token(c.seq, token, now, logprobs)
+            for i, token, logprobs in zip(plain, sampled.tokens, sampled.logprobs):
+                self._append_token(sampling[i].seq, token, now, logprobs)
+        for c in chunks:
+            if c.tree is not None:
+                self._accept_tree(c, now)
+
+    def _plan(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
+        """Gives each strategy step its rows (a DraftTree); returns the chunks that run this step."""
+        drafting: list[ScheduledChunk] = []
+        scratch_free = self.runner.cache.scratch_slots
+        planned: list[ScheduledChunk] = []
+        for c in chunks:
+            strategy = c.seq.strategy
+            if strategy is None:
+                planned.append(c)
+                continue
+            c.want_hidden = strategy.wants_hidden
+            if not strategy.span(c.seq):
+                planned.append(c)
+                continue
+            if getattr(strategy, "mode", "") == "draft":
+                drafting.append(c)
+                planned.append(c)
+                continue
+            c.tree = strategy.plan(c.seq, self.sampler)
+            if c.tree is not None and not in_place(c.tree):
+                if len(c.tree.tokens) > scratch_free:   # the scratch slots are full: this one waits a step
+                    c.tree = None
+                    if strategy.consumes_prefill:
+                        continue
+                else:
+                    scratch_free -= len(c.tree.tokens)
+            planned.append(c)
+        if drafting:
+            self._draft(drafting)
+            for c in drafting:
+                c.tree = c.seq.strategy.plan(c.seq, self.sampler)
+        return planned
+
+    def _draft(self, chunks: list[ScheduledChunk]) -> None:
+        """The draft model's guesses: up to k early-exit forward passes (the target's first layers), batched over
+        the sequences, each writing its guess's keys/values of those layers in place."""
+        for c in chunks:
+            c.seq.strategy.drafts = []
+            c.seq.strategy.draft_probs = None
+        probs: dict[int, list[torch.Tensor]] = {id(c): [] for c in chunks}
+        for step in range(max(c.seq.strategy.max_drafts(c.seq) for c in chunks)):
+            active = [c for c in chunks if c.seq.strategy.max_drafts(c.seq) > step]
+            mini = [ScheduledChunk(c.seq, c.start + step, c.start + step + 1,
+                                   tree=chain(([c.seq.output_ids[-1]] + c.seq.strategy.drafts)[-1], []))
+                    for c in active]
+            self.runner.forward(mini, num_layers=self.draft_layers)
+            rows = torch.cat([m.logits for m in mini])
+            processed = self.sampler.process(rows, [c.seq for c in active],
+                                             [list(c.seq.strategy.drafts) for c in active])
+            greedy = [c.seq.params.greedy for c in active]
+            argmax = processed.argmax(dim=-1).tolist()
+            distribution = processed.softmax(dim=-1)
+            for i, c in enumerate(active):
+                strategy = c.seq.strategy
+                if greedy[i]:
+                    strategy.drafts.append(argmax[i])
+                else:
+                    strategy.drafts.append(self.sampler.draw(distribution[i: i + 1], [c.seq])[0])
+                    probs[id(c)].append(distribution[i])
+        for c in chunks:
+            if probs[id(c)]:
+                c.seq.strategy.draft_probs = torch.stack(probs[id(c)])
+
+    def _accept_tree(self, c: ScheduledChunk, now: float) -> None:
+        seq, strategy = c.seq, c.seq.strategy
+        result = strategy.accept(seq, c.tree, c.logits, c.hidden, self.sampler)
+        if not in_place(c.tree):
+            self.runner.commit([c.slots[row] for row in result.kv_rows], seq.block_table, c.start)
+        self.spec_draft_tokens += len(c.tree.tokens) - 1
+        self.spec_accepted_tokens += len(result.tokens) - 1
+        for token, logprobs in zip(result.tokens, result.logprobs):
+            self._append_token(seq, token, now, logprobs)
+            if seq.is_finished:
+                return
+        seq.num_computed = c.start + len(result.kv_rows)
+        self.scheduler.blocks.register_full_blocks(seq)
 
     def _append_token(self, seq: Sequence, token: int, now: float, logprobs: TokenLogprobs | None = None) -> None:
         seq.output_ids.append(token)
@@ -208,6 +311,10 @@ class Engine:
             if now > before:
                 counter.inc(now - before)
         self._reported = counters
+
+
+def _consumes_prefill(seq: Sequence) -> bool:
+    return seq.strategy is not None and seq.strategy.consumes_prefill
 
 
 def _step_kind(chunks: list[ScheduledChunk]) -> str:

@@ -165,7 +165,7 @@ class ModelRunner:
         for i, c in enumerate(others):
             row = table[len(decodes) + i]
             n = len(c.tree.tokens) if c.tree is not None else c.end - c.start
-            scratch = c.tree is not None and not _is_chain(c.tree)
+            scratch = c.tree is not None and not in_place(c.tree)
             if scratch:  # guesses share positions: their keys/values go to scratch slots until accepted
                 if scratch_used + n > self.cache.scratch_slots:
                     raise RuntimeError("the step's speculative rows exceed the KV cache's scratch slots")
@@ -226,8 +226,9 @@ class ModelRunner:
         self.cache.copy_slots(torch.tensor(source_slots, dtype=torch.long, device=self.device), target.to(self.device))
 
 
-def _is_chain(tree) -> bool:
-    """A linear run of guesses (offsets 0, 1, 2... each attending all before it) can be written in place."""
+def in_place(tree) -> bool:
+    """A linear run of guesses (offsets 0, 1, 2... each attending all before it) is written at its own positions;
+    other trees (several guesses per position) go through scratch slots until accepted."""
     n = len(tree.tokens)
     return list(tree.offsets) == list(range(n)) and all(
         tree.mask[i][j] == (j <= i) for i in range(n) for j in range(n))

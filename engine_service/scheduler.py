@@ -72,21 +72,27 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
-            end = min(seq.num_tokens, seq.num_computed + budget)
-            while not self.blocks.can_allocate(seq, end):
+            # A strategy step (speculative, lookahead, contrastive) writes up to `span` positions past the cache.
+            span = seq.strategy.span(seq) if seq.strategy is not None else 0
+            end = seq.num_computed + 1 if span else min(seq.num_tokens, seq.num_computed + budget)
+            needed = seq.num_computed + span if span else end
+            while not self.blocks.can_allocate(seq, needed):
                 victim = self.running[-1]
                 self._preempt(victim)   # the youngest is never before seq in the list: it has no chunk yet
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            self.blocks.allocate(seq, end)
+            self.blocks.allocate(seq, needed)
             chunks.append(ScheduledChunk(seq, seq.num_computed, end))
-            budget -= end - seq.num_computed
+            budget = max(0, budget - (span or end - seq.num_computed))
         # 2. Waiting sequences, oldest first, while the budget, the sequence limit and the free blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            queried = self.blocks.match_prefix(seq)
+            if self._prefix_in_flight(seq):
+                break
+            # Contrastive search needs every context token's hidden state, which the prefix cache does not keep.
+            queried = 0 if seq.strategy is not None and seq.strategy.wants_hidden else self.blocks.match_prefix(seq)
             end = min(seq.num_tokens, seq.num_computed + budget)
             if not self.blocks.can_allocate(seq, end):
                 self.blocks.free(seq)
@@ -102,6 +108,25 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, seq.num_computed, end))
             budget -= end - seq.num_computed
         return chunks
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """True while a running sequence is still computing full blocks of seq's prompt: seq waits and then takes
+        them from the prefix cache instead of computing them twice (n > 1 completions of one prompt, a burst of
+        requests sharing a system prompt)."""
+        if not self.blocks.prefix_caching:
+            return False
+        size = self.blocks.block_size
+        for other in self.running:
+            if other.num_computed >= len(other.prompt_ids):
+                continue
+            shared = 0
+            for a, b in zip(seq.prompt_ids, other.prompt_ids):
+                if a != b:
+                    break
+                shared += 1
+            if min(shared, seq.num_tokens - 1) // size * size > other.num_computed:
+                return True
+        return False
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees seq's blocks and puts it back at the head of the queue; its tokens are recomputed later."""

@@ -5,6 +5,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     generator: torch.Generator | None = None
+    strategy: Any = None                  # a multi-row decoding strategy (engine_service.strategies), or None
+    num_steps: int = 0                    # forward passes that computed this sequence (speculative bookkeeping)
 
     @property
     def num_tokens(self) -> int:
