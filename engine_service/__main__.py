@@ -32,6 +32,9 @@ class EngineConfig:
         "help": "CPU, fp32 models: decode steps of 1-2 sequences read a bf16 copy of the weights (about 2x faster; "
                 "greedy output then matches fp32 up to near-ties)"})
     fast_path: bool = field(default=True, metadata={"help": "hand-written forward pass for Llama-family models"})
+    draft_layers: int = field(default=-1, metadata={
+        "help": "speculative=\"draft\" requests draft with the model's first N layers (self-speculative early "
+                "exit); -1 = a quarter of the layers, 0 = no draft model"})
     max_model_len: int = field(default=0, metadata={"help": "cap on the context length; 0 = the model's"})
     max_num_seqs: int = field(default=64, metadata={"help": "sequences per step at most"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per step at most (prefill chunking)"})
@@ -59,7 +62,8 @@ async def serve(config: EngineConfig) -> None:
         kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
         max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching,
         fault_token_id=config.fault_token_id, small_step_bf16=config.small_step_bf16 and device.type == "cpu")
-    engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting)
+    engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
+                    draft_layers=config.draft_layers)
     engine.start()
     servicer = EngineServicer(engine, config.decode_lease_seconds)
     service = await start_grpc_server(

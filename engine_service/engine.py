@@ -46,9 +46,12 @@ class Engine:
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_num_batched_tokens: int,
                  max_waiting: int, draft_layers: int = 0) -> None:
         """The runner owns the KV cache and its block manager; the scheduler decides over its blocks.
-        draft_layers > 0: speculative "draft" requests draft with the target's first draft_layers layers."""
+        draft_layers > 0: speculative "draft" requests draft with the target's first draft_layers layers (-1: a
+        quarter of them; Llama-family fast path only)."""
         self.runner = runner
-        self.draft_layers = draft_layers if runner.fast is not None else 0
+        num_layers = len(runner.fast.layers) if runner.fast is not None else 0
+        self.draft_layers = min(num_layers // 4 if draft_layers < 0 else draft_layers, num_layers - 1)
+        self.draft_layers = max(0, self.draft_layers)
         self.spec_draft_tokens = 0          # guesses verified / accepted by speculative and lookahead steps
         self.spec_accepted_tokens = 0
         self.spec = runner.spec
