@@ -10,7 +10,7 @@ import grpc
 from common.logs import kv
 from engine_service.engine import Engine, EngineFullError
 from engine_service.sampling import SamplingParams
-from engine_service.sequence import Sequence
+from engine_service.sequence import Sequence, TokenLogprobs
 from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 log = logging.getLogger("splitserve.engine.server")
@@ -29,31 +29,54 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
         seed=params.seed if params.HasField("seed") else None,
         stop_token_ids=tuple(params.stop_token_ids),
         ignore_eos=params.ignore_eos,
-    )
+        logprobs=params.logprobs if params.HasField("logprobs") else None,
+        logit_bias=tuple(sorted(params.logit_bias.items())),
+        num_beams=max(1, params.num_beams),   # 0 (unset) = 1: no beam search
+        length_penalty=params.length_penalty if params.HasField("length_penalty") else 1.0,
+        early_stopping=params.early_stopping,
+        penalty_alpha=params.penalty_alpha,
+        speculative=params.speculative,
+        num_speculative_tokens=params.num_speculative_tokens,
+        prompt_lookup_max_ngram=params.prompt_lookup_max_ngram,
+        lookahead_window=params.lookahead_window,
+        lookahead_ngram=params.lookahead_ngram,
+    )   # n is the gateway's: it sends one sequence per completion
+
+
+def logprobs_to_proto(logprobs: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(
+        token_id=logprobs.token_id, logprob=logprobs.logprob,
+        top=[common_pb2.TopLogprob(token_id=token, logprob=logprob) for token, logprob in logprobs.top])
+
+
+# What the step loop delivers for one sequence at a time: new token ids, finish reason, and their logprobs
+# (one per token id when the request asked for them, else empty).
+Output = tuple[list[int], str, list[common_pb2.TokenLogprobs]]
 
 
 @dataclass(eq=False)
 class OutputStream:
     """Tokens of one sequence on their way from the step loop to a Decode stream (buffered until it attaches)."""
-    first: asyncio.Future[tuple[int | None, str]]
-    queue: asyncio.Queue[tuple[list[int], str]] = field(default_factory=asyncio.Queue)
+    first: asyncio.Future[tuple[int | None, str, common_pb2.TokenLogprobs | None]]
+    queue: asyncio.Queue[Output] = field(default_factory=asyncio.Queue)
     seq: Sequence | None = None
     attached: bool = False
     finished: bool = False
     lease: asyncio.TimerHandle | None = None
 
-    def push(self, token_ids: list[int], reason: str) -> None:
+    def push(self, token_ids: list[int], reason: str, logprobs: list[TokenLogprobs]) -> None:
         """Runs on the event loop (posted by the step loop thread)."""
+        protos = [logprobs_to_proto(lp) for lp in logprobs]
         if not self.first.done():
             if not token_ids:  # ended before its first token (aborted)
-                self.first.set_result((None, reason))
+                self.first.set_result((None, reason, None))
                 return
             rest = token_ids[1:]
-            self.first.set_result((token_ids[0], "" if rest else reason))
+            self.first.set_result((token_ids[0], "" if rest else reason, protos[0] if protos else None))
             if rest:
-                self.queue.put_nowait((rest, reason))
+                self.queue.put_nowait((rest, reason, protos[1:]))
             return
-        self.queue.put_nowait((token_ids, reason))
+        self.queue.put_nowait((token_ids, reason, protos))
 
 
 def _ended_early(request_id: str, reason: str) -> tuple[grpc.StatusCode, str]:
@@ -78,8 +101,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         loop = asyncio.get_running_loop()
         stream = OutputStream(first=loop.create_future())
 
-        def on_output(token_ids: list[int], reason: str, logprobs: list) -> None:
-            loop.call_soon_threadsafe(stream.push, token_ids, reason)
+        def on_output(token_ids: list[int], reason: str, logprobs: list[TokenLogprobs]) -> None:
+            loop.call_soon_threadsafe(stream.push, token_ids, reason, logprobs)
 
         try:
             stream.seq = self.engine.add_request(request_id, list(request.prompt_token_ids),
@@ -90,7 +113,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self.streams[request_id] = stream
         try:
-            token, reason = await stream.first
+            token, reason, logprobs = await stream.first
         except asyncio.CancelledError:
             self._drop(request_id, abort=True)
             raise
@@ -103,10 +126,13 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             stream.lease = loop.call_later(self.decode_lease_seconds, self._expire_lease, request_id)
         seq = stream.seq
         assert seq is not None and seq.first_scheduled_time is not None and seq.first_token_time is not None
-        return engine_pb2.PrefillResponse(
+        response = engine_pb2.PrefillResponse(
             token_id=token, finish_reason=reason,
             queue_seconds=seq.first_scheduled_time - seq.arrival_time,
             prefill_seconds=seq.first_token_time - seq.first_scheduled_time)
+        if logprobs is not None:
+            response.logprobs.CopyFrom(logprobs)
+        return response
 
     async def Decode(self, request: engine_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id
@@ -122,15 +148,16 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             stream.lease.cancel()
         try:
             while True:
-                token_ids, reason = await stream.queue.get()
+                token_ids, reason, logprobs = await stream.queue.get()
                 while not reason and not stream.queue.empty():  # coalesce what piled up
-                    more, reason = stream.queue.get_nowait()
+                    more, reason, more_logprobs = stream.queue.get_nowait()
                     token_ids = token_ids + more
+                    logprobs = logprobs + more_logprobs
                 if reason:
                     stream.finished = True
                 if reason == "error":
                     await context.abort(*_ended_early(request_id, reason))
-                yield engine_pb2.DecodeResponse(token_ids=token_ids, finish_reason=reason)
+                yield engine_pb2.DecodeResponse(token_ids=token_ids, finish_reason=reason, logprobs=logprobs)
                 if reason:
                     return
         finally:

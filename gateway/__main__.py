@@ -34,7 +34,8 @@ class GatewayConfig:
     max_stop_string_chars: int = field(default=256, metadata={"help": "characters per stop string at most"})
     http_port: int = field(default=8000, metadata={"help": "port of the OpenAI-compatible HTTP API (-1: off)"})
     served_model_name: str = field(default="", metadata={"help": "the HTTP API's model id (default: the engine's)"})
-    max_concurrent_requests: int = field(default=256, metadata={"help": "requests served at once, both APIs"})
+    max_concurrent_requests: int = field(default=256, metadata={
+        "help": "engine sequences served at once, both APIs (a request with n completions counts n)"})
     max_waiting_requests: int = field(default=1024, metadata={
         "help": "requests queued for a slot; past that RESOURCE_EXHAUSTED / HTTP 429 at once"})
     request_timeout_seconds: float = field(default=600.0, metadata={

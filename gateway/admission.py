@@ -16,65 +16,80 @@ from gateway.errors import GatewayError
 
 
 class Admission:
+    """Counts engine sequences, not requests: a request with n completions holds n slots (at most max_running, so
+    that it can always run), taken together. Waiters are served first come, first served."""
+
     def __init__(self, max_running: int, max_waiting: int) -> None:
         if max_running < 1 or max_waiting < 0:
             raise ValueError(f"max_running must be >= 1 and max_waiting >= 0, got {max_running}, {max_waiting}")
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self.running = 0
+        self.running = 0        # slots held
         self.draining = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
     @asynccontextmanager
-    async def slot(self, deadline: float | None) -> AsyncIterator[None]:
-        """Holds one running slot for the body; raises GatewayError when none can be had."""
-        await self._acquire(deadline)
+    async def slot(self, deadline: float | None, weight: int = 1) -> AsyncIterator[None]:
+        """Holds `weight` running slots for the body; raises GatewayError when they cannot be had."""
+        weight = min(max(1, weight), self.max_running)
+        await self._acquire(deadline, weight)
         try:
             yield
         finally:
-            self._release()
+            self._release(weight)
 
     def start_draining(self) -> None:
         self.draining = True
 
-    async def _acquire(self, deadline: float | None) -> None:
+    async def _acquire(self, deadline: float | None, weight: int) -> None:
         if self.draining:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry on another replica")
-        if self.running < self.max_running and not self._waiters:
-            self.running += 1
+        if self.running + weight <= self.max_running and not self._waiters:
+            self.running += weight
             return
         if len(self._waiters) >= self.max_waiting:
             raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the gateway is at capacity ({self.running} requests running, {self.waiting} waiting; "
-                               f"limits {self.max_running} and {self.max_waiting}); retry later")
+                               f"the gateway is at capacity ({self.running} sequences running, {self.waiting} "
+                               f"requests waiting; limits {self.max_running} and {self.max_waiting}); retry later")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        waiter = (future, weight)
+        self._waiters.append(waiter)
         metrics.REQUESTS_WAITING.set(self.waiting)
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             if future.done() and not future.cancelled():
-                self._release()
+                self._release(weight)
             raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                "the request's deadline expired while it waited for a free slot") from None
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self._release()  # a slot was handed over just as the caller left: pass it on
+                self._release(weight)  # slots were handed over just as the caller left: pass them on
             raise
         finally:
-            if future in self._waiters:
-                self._waiters.remove(future)
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._grant()          # a large waiter that leaves may unblock smaller ones behind it
             metrics.REQUESTS_WAITING.set(self.waiting)
 
-    def _release(self) -> None:
+    def _release(self, weight: int) -> None:
+        self.running -= weight
+        self._grant()
+
+    def _grant(self) -> None:
+        """Hands free slots to the oldest waiters, in order, while the next one fits."""
         while self._waiters:
-            future = self._waiters.popleft()
-            if not future.done():
-                future.set_result(None)  # the slot passes straight to the oldest waiter
+            future, weight = self._waiters[0]
+            if future.done():          # cancelled or timed out: it removes itself
+                self._waiters.popleft()
+                continue
+            if self.running + weight > self.max_running:
                 return
-        self.running -= 1
+            self._waiters.popleft()
+            self.running += weight
+            future.set_result(None)

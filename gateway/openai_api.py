@@ -7,8 +7,10 @@ Routes: POST /v1/completions, POST /v1/chat/completions (server-sent events with
 GET /health, GET /metrics. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`; the status
 comes from the gRPC code in one table (`HTTP_STATUS`).
 
-Differences from the gRPC API: an unset `temperature` is 1.0, as in OpenAI's API (gRPC: unset = 0 = greedy).
-`n` must be 1; `logprobs`, `echo`, `suffix`, `logit_bias`, tools and token-id prompts are refused with 400.
+Differences from the gRPC API: an unset `temperature` is 1.0, as in OpenAI's API (gRPC: unset = 0 = greedy),
+except with a greedy-only strategy (num_beams > 1, penalty_alpha > 0, speculative "lookahead"), where it is 0.
+`logit_bias` keys are strings (OpenAI's form); splitserve's decoding fields are top-level body fields (what the
+SDK's extra_body sends). `best_of`, `echo`, `suffix`, tools and token-id prompts are refused with 400.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import prometheus_client
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.pipeline import Chunk
+from gateway.openai_reply import Reply
 from gateway.service import GatewayService
 from splitserve.v1 import common_pb2, gateway_pb2
 
@@ -129,15 +131,10 @@ def _stop(body: dict[str, Any]) -> list[str]:
     return [_text(item, f"stop[{i}]") for i, item in enumerate(value)]
 
 
-def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
-    n = _int(body, "n")
-    if n is not None and n != 1:
-        raise ParamError("n", f"n={n} is not supported yet: send n separate requests (with different seeds)")
+def _refuse_unsupported(body: dict[str, Any]) -> None:
     best_of = _int(body, "best_of")
     if best_of is not None and best_of != 1:
-        raise ParamError("best_of", "best_of is not supported")
-    if body.get("logit_bias"):
-        raise ParamError("logit_bias", "logit_bias is not supported")
+        raise ParamError("best_of", "best_of is not supported (n is)")
     if body.get("tools") or body.get("functions"):
         raise ParamError("tools", "tools and function calling are not supported")
     if _bool(body, "echo"):
@@ -147,22 +144,82 @@ def _refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise ParamError("response_format", 'only response_format {"type": "text"} is supported')
-    if chat and (_bool(body, "logprobs") or body.get("top_logprobs")):
-        raise ParamError("logprobs", "logprobs are not supported yet")
-    if not chat and body.get("logprobs") not in (None, 0):
-        raise ParamError("logprobs", "logprobs are not supported yet")
 
 
-def sampling_from(body: dict[str, Any]) -> common_pb2.SamplingParams:
-    """OpenAI's (and vLLM's extra) sampling fields -> SamplingParams; ranges are checked by gateway.validation."""
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """Chat: `logprobs: true` and `top_logprobs` (alternatives); completions: `logprobs: <alternatives>`."""
+    if not chat:
+        return _int(body, "logprobs")
+    top = _int(body, "top_logprobs")
+    if not _bool(body, "logprobs"):
+        if top is not None:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
+        return None
+    return top or 0
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's {"<token id>": bias} -> {id: bias}; ranges are checked by gateway.validation."""
+    value = body.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ParamError("logit_bias", f"logit_bias must be an object of token id -> bias, got {_type_name(value)}")
+    bias = {}
+    for key, item in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ParamError("logit_bias", f"logit_bias keys must be token ids (integers), got {key!r}") from None
+        if not INT32[0] <= token <= INT32[1]:
+            raise ParamError("logit_bias", f"logit_bias key {key} is not a token id")
+        number = _float({f"logit_bias[{key}]": item}, f"logit_bias[{key}]")
+        if number is None:
+            raise ParamError("logit_bias", f"logit_bias[{key}] must be a number, got null")
+        bias[token] = number
+    return bias
+
+
+# splitserve's decoding strategies, as top-level body fields (the SDK's extra_body), and their JSON types.
+EXTENSION_FIELDS: dict[str, str] = {
+    "num_beams": "int", "length_penalty": "float", "early_stopping": "bool", "penalty_alpha": "float",
+    "speculative": "str", "num_speculative_tokens": "int", "prompt_lookup_max_ngram": "int",
+    "lookahead_window": "int", "lookahead_ngram": "int",
+}
+
+
+def _extensions(body: dict[str, Any], params: common_pb2.SamplingParams) -> None:
+    for name, kind in EXTENSION_FIELDS.items():
+        if kind == "int":
+            value: Any = _int(body, name)
+        elif kind == "float":
+            value = _float(body, name)
+        elif kind == "bool":
+            value = _bool(body, name)
+        else:
+            value = None if body.get(name) is None else _text(body[name], name)
+        if value is not None:
+            setattr(params, name, value)
+
+
+def _greedy_strategy(params: common_pb2.SamplingParams) -> bool:
+    return params.num_beams > 1 or params.penalty_alpha > 0 or params.speculative == "lookahead"
+
+
+def sampling_from(body: dict[str, Any], chat: bool) -> common_pb2.SamplingParams:
+    """OpenAI's (and vLLM's extra, and splitserve's decoding) fields -> SamplingParams; ranges and combinations
+    are checked by gateway.validation."""
     params = common_pb2.SamplingParams()
     max_tokens = _int(body, "max_completion_tokens")
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens")
     if max_tokens is not None:
         params.max_tokens = max_tokens
+    _extensions(body, params)
     temperature = _float(body, "temperature")
-    params.temperature = OPENAI_DEFAULT_TEMPERATURE if temperature is None else temperature
+    if temperature is None:   # OpenAI's default, unless the strategy is greedy only
+        temperature = 0.0 if _greedy_strategy(params) else OPENAI_DEFAULT_TEMPERATURE
+    params.temperature = temperature
     for name in ("top_p", "repetition_penalty"):
         value = _float(body, name)
         if value is not None:
@@ -186,6 +243,13 @@ def sampling_from(body: dict[str, Any]) -> common_pb2.SamplingParams:
                 raise ParamError(name, f"{name} must be an integer, got null")
             params.stop_token_ids.append(value)
     params.ignore_eos = bool(_bool(body, "ignore_eos"))
+    n = _int(body, "n")
+    if n is not None:
+        params.n = n
+    logprobs = _logprobs(body, chat)
+    if logprobs is not None:
+        params.logprobs = logprobs
+    params.logit_bias.update(_logit_bias(body))
     return params
 
 
@@ -205,8 +269,8 @@ def _content(value: Any, param: str) -> str:
 
 
 def generate_request(body: dict[str, Any], chat: bool, request_id: str) -> gateway_pb2.GenerateRequest:
-    _refuse_unsupported(body, chat)
-    request = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling_from(body))
+    _refuse_unsupported(body)
+    request = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling_from(body, chat))
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -320,26 +384,26 @@ class OpenAIServer:
             raise ParamError("stream_options", "stream_options must be an object")
         include_usage = bool(_bool(options, "include_usage"))
         model = await self._model_name()
-        reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", model)
+        reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", model,
+                      logprobs=generate.sampling.HasField("logprobs"))
         headers = {"X-Request-Id": request_id}
         async with aclosing(self.service.generate(generate, None)) as chunks:
             if not stream:
-                text, last = [], None
                 async for chunk in chunks:
-                    text.append(chunk.text)
-                    last = chunk
-                assert last is not None
-                return web.json_response(reply.whole("".join(text), last), headers=headers)
+                    reply.add(chunk)
+                return web.json_response(reply.whole(), headers=headers)
             first = await anext(chunks)   # errors before the first chunk get a plain HTTP status
             response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-cache"})
             await response.prepare(request)
             try:
-                for event in reply.deltas(first, include_usage, first=True):
+                for event in reply.deltas(first, include_usage):
                     await response.write(_sse(event))
                 async for chunk in chunks:
                     for event in reply.deltas(chunk, include_usage):
                         await response.write(_sse(event))
+                if include_usage:
+                    await response.write(_sse(reply.usage_event()))
             except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
                 _, error = error_body(exc.code, exc.message)
                 await response.write(_sse(error))
@@ -362,57 +426,3 @@ class OpenAIServer:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=prometheus_client.generate_latest(),
                             headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
-
-
-class Reply:
-    """OpenAI's response objects for one request: the whole answer, or its streamed chunks."""
-
-    def __init__(self, chat: bool, response_id: str, model: str) -> None:
-        self.chat = chat
-        self.id = response_id
-        self.model = model
-        self.created = int(time.time())
-
-    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-
-    @staticmethod
-    def usage(chunk: Chunk) -> dict[str, int]:
-        return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
-                "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
-
-    def whole(self, text: str, last: Chunk) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {**self._envelope([choice], chunk=False), "usage": self.usage(last)}
-
-    def deltas(self, chunk: Chunk, include_usage: bool, first: bool = False) -> list[dict[str, Any]]:
-        events = []
-
-        def event(content: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
-            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-            if self.chat:
-                delta: dict[str, Any] = {} if content is None else {"content": content}
-                if role:
-                    delta["role"] = "assistant"
-                choice["delta"] = delta
-            else:
-                choice["text"] = content or ""
-            envelope = self._envelope([choice], chunk=True)
-            if include_usage:
-                envelope["usage"] = None
-            return envelope
-
-        if first and self.chat:
-            events.append(event("", None, role=True))
-        if chunk.text:
-            events.append(event(chunk.text, None))
-        if chunk.finish_reason:
-            events.append(event(None, chunk.finish_reason))
-            if include_usage:
-                events.append({**self._envelope([], chunk=True), "usage": self.usage(chunk)})
-        return events

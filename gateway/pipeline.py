@@ -1,11 +1,13 @@
 """One request's path: tokenize -> prefill -> decode stream -> detokenize stream, with stop strings, deadlines,
-cancellation and the per-phase timings. Front doors (gRPC now, HTTP later) iterate `Pipeline.generate`."""
+cancellation and the per-phase timings; with n > 1, one engine sequence per completion, their chunks merged.
+Both front doors (through gateway/service.py) iterate `Pipeline.generate`."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,10 +19,13 @@ from gateway.channels import RECONNECT_OPTIONS, wait_ready
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
+from gateway.token_texts import TokenTextCache
 from gateway.validation import ValidRequest, fit_max_tokens
 from splitserve.v1 import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
 log = logging.getLogger("splitserve.gateway.pipeline")
+
+Remaining = Callable[[], float | None]   # seconds left before the request's deadline; raises once it passed
 
 
 @dataclass
@@ -30,21 +35,64 @@ class Chunk:
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0                                  # which completion, 0..n-1
+    # One per token id when sampling.logprobs is set, with the token texts filled in; token_bytes holds the raw
+    # bytes of every id they name (OpenAI's `bytes`).
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    token_bytes: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass
 class Timings:
-    """Seconds per phase for one request, observed into the histograms once it ends."""
+    """Seconds per phase for one request, observed into the histograms once it ends. With n completions, the
+    engine phases are the slowest completion's and detokenize the sum."""
     received: float = field(default_factory=time.perf_counter)
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(metrics.PHASES, 0.0))
     first_chunk: float | None = None
-    last_token: float | None = None
-    engine_running: bool = False      # the engine holds a sequence for this request: abort it if we stop early
-    engine: EngineEndpoint | None = None  # the engine the router chose for this request
+
+    def slowest(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = max(self.phases[phase], seconds)
 
     def observe(self) -> None:
         for phase, seconds in self.phases.items():
             metrics.PHASE_SECONDS.labels(phase=phase).observe(seconds)
+
+
+@dataclass
+class Completion:
+    """One engine sequence: the whole request when n = 1, else one of its n completions."""
+    index: int
+    request_id: str                            # the engine's id: the request's, or "<request_id>/<index>"
+    sampling: common_pb2.SamplingParams
+    engine: EngineEndpoint | None = None       # the engine the router chose for it
+    running: bool = False                      # the engine holds the sequence: abort it if we stop early
+    last_token: float | None = None
+
+
+def completions_of(request: ValidRequest) -> list[Completion]:
+    """n = 1: the request itself. n > 1: ids "<id>/<i>", and seed + i so that seeded completions differ but are
+    reproducible (the engine shares the prompt's KV cache between them through its prefix cache)."""
+    if request.n == 1:
+        return [Completion(0, request.request_id, request.sampling)]
+    completions = []
+    for index in range(request.n):
+        sampling = common_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        if sampling.HasField("seed"):
+            sampling.seed = (sampling.seed + index + 2**63) % 2**64 - 2**63   # wraps within int64
+        completions.append(Completion(index, f"{request.request_id}/{index}", sampling))
+    return completions
+
+
+def _remaining(deadline: float | None) -> Remaining:
+    def remaining() -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired")
+        return left
+    return remaining
 
 
 class Pipeline:
@@ -55,6 +103,7 @@ class Pipeline:
         self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address,
                                                             options=[*GRPC_OPTIONS, *RECONNECT_OPTIONS])
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
+        self.token_texts = TokenTextCache(self.tokenizer, tokenizer_address)
         self.router = EngineRouter(engine_address, router_settings)  # one engine or several: see router.py
         self._model_info: common_pb2.ModelInfo | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -80,14 +129,16 @@ class Pipeline:
         return self._model_info
 
     async def generate(self, request: ValidRequest, deadline: float | None) -> AsyncIterator[Chunk]:
-        """Yields chunks of new text; the last has finish_reason and usage. Raises GatewayError."""
+        """Yields chunks of new text; each completion's last chunk has finish_reason and usage. Raises
+        GatewayError. Closing the generator early aborts the engine sequences still running."""
         timings = Timings()
         try:
-            async for chunk in self._generate(request, deadline, timings):
-                if timings.first_chunk is None:
-                    timings.first_chunk = time.perf_counter()
-                    metrics.TIME_TO_FIRST_TOKEN.observe(timings.first_chunk - timings.received)
-                yield chunk
+            async with aclosing(self._generate(request, _remaining(deadline), timings)) as chunks:
+                async for chunk in chunks:
+                    if timings.first_chunk is None:
+                        timings.first_chunk = time.perf_counter()
+                        metrics.TIME_TO_FIRST_TOKEN.observe(timings.first_chunk - timings.received)
+                    yield chunk
             metrics.E2E_LATENCY.observe(time.perf_counter() - timings.received)
             timings.observe()
         except GatewayError as exc:
@@ -96,24 +147,11 @@ class Pipeline:
             if deadline is not None and time.monotonic() >= deadline and exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired") from exc
             raise
-        finally:
-            if timings.engine is not None:
-                self.router.release(timings.engine)
-                if timings.engine_running:
-                    self._abort_in_background(request.request_id, timings.engine)
 
-    async def _generate(self, request: ValidRequest, deadline: float | None,
+    async def _generate(self, request: ValidRequest, remaining: Remaining,
                         timings: Timings) -> AsyncIterator[Chunk]:
-        def remaining() -> float | None:
-            if deadline is None:
-                return None
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired")
-            return left
-
         info = await self.model_info(remaining())
-        # 1. Tokenize.
+        # 1. Tokenize (once, for all completions).
         started = time.perf_counter()
         tokenize = tokenizer_pb2.TokenizeRequest()
         if request.prompt is not None:
@@ -129,19 +167,137 @@ class Pipeline:
         fit_max_tokens(request, len(prompt_ids), info.max_context_length, info.vocab_size)
         metrics.PROMPT_TOKENS.inc(len(prompt_ids))
 
-        # 2. Prefill: the engine admits the sequence, returns its first token and keeps decoding.
-        #    An engine that is unreachable (or full) before the first token is safe to leave for another one.
-        started = time.perf_counter()
+        completions = completions_of(request)
+        if len(completions) == 1:
+            chunks = self._complete(request, completions[0], prompt_ids, remaining, timings)
+        else:
+            chunks = self._fan_out(request, completions, prompt_ids, remaining, timings)
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def _fan_out(self, request: ValidRequest, completions: list[Completion], prompt_ids: list[int],
+                       remaining: Remaining, timings: Timings) -> AsyncIterator[Chunk]:
+        """Runs the n completions at once and yields their chunks as they come (interleaved, each with its index).
+        The first prefills alone, so that the others find the prompt in the engine's prefix cache. A failure of
+        one, or the request ending early, ends them all (their engine sequences are aborted)."""
+        queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue()   # None: one completion is done
+        first_prefilled = asyncio.Event()
+
+        async def run(completion: Completion) -> None:
+            try:
+                if completion.index:
+                    await first_prefilled.wait()
+                on_prefilled = first_prefilled.set if completion.index == 0 else None
+                async with aclosing(self._complete(request, completion, prompt_ids, remaining, timings,
+                                                   on_prefilled)) as chunks:
+                    async for chunk in chunks:
+                        queue.put_nowait(chunk)
+                queue.put_nowait(None)
+            except Exception as exc:  # GatewayError, or a bug: the request fails with it
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(run(completion)) for completion in completions]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _complete(self, request: ValidRequest, completion: Completion, prompt_ids: list[int],
+                        remaining: Remaining, timings: Timings,
+                        on_prefilled: Callable[[], None] | None = None) -> AsyncIterator[Chunk]:
+        """One engine sequence: prefill, then decode -> detokenize -> stop strings, as chunks with its index."""
+        try:
+            # 2. Prefill: the engine admits the sequence, returns its first token and keeps decoding.
+            started = time.perf_counter()
+            prefill = await self._prefill(completion, prompt_ids, remaining)
+            prefill_done = time.perf_counter()
+            timings.slowest("queue", prefill.queue_seconds)
+            timings.slowest("prefill", max(0.0, prefill_done - started - prefill.queue_seconds))
+            completion.last_token = prefill_done
+            completion.running = not prefill.finish_reason
+            if on_prefilled is not None:
+                on_prefilled()
+
+            # 3 + 4. Decode stream -> detokenize stream -> stop strings -> client.
+            stops = StopMatcher(request.stop)
+            want_logprobs = completion.sampling.HasField("logprobs")
+            received = kept = 0           # tokens from the engine; tokens returned (none past a stop string)
+            pending_ids: list[int] = []
+            pending_logprobs: list[common_pb2.TokenLogprobs] = []
+            detokenize = self.tokenizer.Detokenize(timeout=remaining())
+            batches = self._token_batches(prefill, completion, remaining)
+            try:
+                async for token_ids, reason, logprobs in batches:
+                    if reason:
+                        completion.running = False
+                    if want_logprobs and len(logprobs) != len(token_ids):
+                        raise GatewayError(grpc.StatusCode.INTERNAL, f"the engine sent {len(logprobs)} logprobs for "
+                                                                     f"{len(token_ids)} tokens")
+                    now = time.perf_counter()
+                    if received:
+                        gap = (now - (completion.last_token or now)) / max(1, len(token_ids))
+                        for _ in token_ids:
+                            metrics.INTER_TOKEN_LATENCY.observe(gap)
+                    completion.last_token = now
+                    received += len(token_ids)
+                    metrics.GENERATION_TOKENS.inc(len(token_ids))
+                    started = time.perf_counter()
+                    # Several tokens at once and stop strings: detokenize them one by one, so that the tokens after
+                    # the one that completes a stop string (and their logprobs) are dropped.
+                    pieces = [[t] for t in token_ids] if stops.stops and len(token_ids) > 1 else [token_ids]
+                    text, used = "", 0
+                    for i, piece in enumerate(pieces):
+                        final = bool(reason) and i == len(pieces) - 1
+                        text += stops.feed(await self._detokenize(detokenize, piece, final), final=final)
+                        used += len(piece)
+                        if stops.stopped:
+                            break
+                    timings.phases["detokenize"] += time.perf_counter() - started
+                    pending_ids.extend(token_ids[:used])
+                    pending_logprobs.extend(logprobs[:used])
+                    kept += used
+                    if stops.stopped:
+                        reason = "stop"
+                    if reason:
+                        timings.slowest("decode", now - prefill_done)
+                        yield await self._chunk(completion, text, pending_ids, pending_logprobs, remaining, reason,
+                                                len(prompt_ids), kept)
+                        return
+                    if text:
+                        yield await self._chunk(completion, text, pending_ids, pending_logprobs, remaining)
+                        pending_ids, pending_logprobs = [], []
+            finally:
+                detokenize.cancel()
+                await batches.aclose()
+        finally:
+            if completion.engine is not None:
+                self.router.release(completion.engine)
+                if completion.running:
+                    self._abort_in_background(completion.request_id, completion.engine)
+
+    async def _prefill(self, completion: Completion, prompt_ids: list[int],
+                       remaining: Remaining) -> engine_pb2.PrefillResponse:
+        """An engine that is unreachable (or full) before the first token is safe to leave for another one."""
         tried: list[str] = []
         while True:
             engine = await self.router.pick(prompt_ids, exclude=tried)
-            timings.engine = engine
+            completion.engine = engine
             try:
                 await wait_ready(engine.channel, remaining())
-                prefill = await engine.stub.Prefill(
-                    engine_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
-                                              sampling=request.sampling), timeout=remaining())
-                break
+                return await engine.stub.Prefill(
+                    engine_pb2.PrefillRequest(request_id=completion.request_id, prompt_token_ids=prompt_ids,
+                                              sampling=completion.sampling), timeout=remaining())
             except grpc.aio.AioRpcError as exc:
                 retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -150,67 +306,40 @@ class Pipeline:
                 if not retry or not self.router.candidates(exclude=tried):
                     raise from_rpc_error(exc, "engine", engine.address) from None
                 self.router.release(engine)
-                timings.engine = None
+                completion.engine = None
                 log.info("prefill retried on another engine %s",
-                         kv(request_id=request.request_id, engine=engine.address, code=exc.code().name))
-        prefill_done = time.perf_counter()
-        timings.phases["queue"] = prefill.queue_seconds
-        timings.phases["prefill"] = max(0.0, prefill_done - started - prefill.queue_seconds)
-        timings.last_token = prefill_done
-        timings.engine_running = not prefill.finish_reason
+                         kv(request_id=completion.request_id, engine=engine.address, code=exc.code().name))
 
-        # 3 + 4. Decode stream -> detokenize stream -> stop strings -> client.
-        stops = StopMatcher(request.stop)
-        completion: list[int] = []
-        pending_ids: list[int] = []
-        detokenize = self.tokenizer.Detokenize(timeout=remaining())
-        batches = self._token_batches(prefill, request.request_id, remaining, engine)
+    async def _detokenize(self, stream, token_ids: list[int], final: bool) -> str:
         try:
-            async for token_ids, reason in batches:
-                if reason:
-                    timings.engine_running = False
-                now = time.perf_counter()
-                if completion:
-                    gap = (now - (timings.last_token or now)) / max(1, len(token_ids))
-                    for _ in token_ids:
-                        metrics.INTER_TOKEN_LATENCY.observe(gap)
-                timings.last_token = now
-                completion.extend(token_ids)
-                metrics.GENERATION_TOKENS.inc(len(token_ids))
-                started = time.perf_counter()
-                try:
-                    await detokenize.write(tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, final=bool(reason)))
-                    delta = await detokenize.read()
-                except grpc.aio.AioRpcError as exc:
-                    raise from_rpc_error(exc, "tokenizer", self.tokenizer_address) from None
-                if delta is grpc.aio.EOF:
-                    raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the tokenizer closed the detokenize stream")
-                timings.phases["detokenize"] += time.perf_counter() - started
-                text = stops.feed(delta.text, final=bool(reason))
-                pending_ids.extend(token_ids)
-                if stops.stopped:
-                    reason = "stop"
-                if reason:
-                    timings.phases["decode"] = now - prefill_done
-                    yield Chunk(text, pending_ids, reason, len(prompt_ids), len(completion))
-                    return
-                if text:
-                    yield Chunk(text, pending_ids)
-                    pending_ids = []
-        finally:
-            detokenize.cancel()
-            await batches.aclose()
+            await stream.write(tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, final=final))
+            delta = await stream.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "tokenizer", self.tokenizer_address) from None
+        if delta is grpc.aio.EOF:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the tokenizer closed the detokenize stream")
+        return delta.text
 
-    async def _token_batches(self, prefill: engine_pb2.PrefillResponse, request_id: str,
-                             remaining, engine: EngineEndpoint) -> AsyncIterator[tuple[list[int], str]]:
-        """The first token, then the engine's decode stream, as (token_ids, finish_reason) pairs."""
-        yield [prefill.token_id], prefill.finish_reason
+    async def _chunk(self, completion: Completion, text: str, token_ids: list[int],
+                     logprobs: list[common_pb2.TokenLogprobs], remaining: Remaining, finish_reason: str = "",
+                     prompt_tokens: int = 0, completion_tokens: int = 0) -> Chunk:
+        chunk = Chunk(text, token_ids, finish_reason, prompt_tokens, completion_tokens, completion.index, logprobs)
+        if logprobs:
+            chunk.token_bytes = await self.token_texts.fill(logprobs, remaining)
+        return chunk
+
+    async def _token_batches(self, prefill: engine_pb2.PrefillResponse, completion: Completion, remaining: Remaining
+                             ) -> AsyncIterator[tuple[list[int], str, list[common_pb2.TokenLogprobs]]]:
+        """The first token, then the engine's decode stream, as (token_ids, finish_reason, logprobs)."""
+        engine = completion.engine
+        assert engine is not None
+        yield [prefill.token_id], prefill.finish_reason, [prefill.logprobs] if prefill.HasField("logprobs") else []
         if prefill.finish_reason:
             return
-        decode = engine.stub.Decode(engine_pb2.DecodeRequest(request_id=request_id), timeout=remaining())
+        decode = engine.stub.Decode(engine_pb2.DecodeRequest(request_id=completion.request_id), timeout=remaining())
         try:
             async for message in decode:
-                yield list(message.token_ids), message.finish_reason
+                yield list(message.token_ids), message.finish_reason, list(message.logprobs)
                 if message.finish_reason:
                     return
         except grpc.aio.AioRpcError as exc:

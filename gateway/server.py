@@ -23,7 +23,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for chunk in chunks:
                     response = gateway_pb2.GenerateResponse(request_id=request.request_id, text=chunk.text,
                                                             token_ids=chunk.token_ids,
-                                                            finish_reason=chunk.finish_reason)
+                                                            finish_reason=chunk.finish_reason, index=chunk.index,
+                                                            logprobs=chunk.logprobs)
                     if chunk.finish_reason:
                         response.usage.prompt_tokens = chunk.prompt_tokens
                         response.usage.completion_tokens = chunk.completion_tokens

@@ -12,6 +12,15 @@ from splitserve.v1 import common_pb2, gateway_pb2
 DEFAULT_MAX_TOKENS = 256
 GREEDY_BELOW_TEMPERATURE = 1e-5   # as vLLM: smaller temperatures are greedy (1e-40 would overflow the logits)
 MAX_REQUEST_ID_CHARS = 128
+MAX_LOGPROBS = 20                 # alternatives per token (as vLLM's default max_logprobs)
+MAX_LOGIT_BIAS = 300              # entries, as OpenAI
+MAX_N = 16                        # completions per request
+MAX_BEAMS = 16
+MAX_SPECULATIVE_TOKENS = 16
+MAX_PROMPT_LOOKUP_NGRAM = 8
+MAX_LOOKAHEAD_WINDOW = 16
+LOOKAHEAD_NGRAM = (2, 8)
+SPECULATIVE_MODES = ("", "prompt_lookup", "draft", "lookahead")
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class ValidRequest:
     sampling: common_pb2.SamplingParams      # for the engine: max_tokens filled in once the prompt is tokenized
     stop: list[str]
     limits: Limits = Limits()
+    n: int = 1                               # completions: one engine sequence each (sampling.n is cleared)
 
 
 def _finite(name: str, value: float) -> None:
@@ -79,8 +89,7 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2 <= getattr(params, name) <= 2:
             raise invalid(f"sampling.{name} must be in [-2, 2], got {getattr(params, name)}")
-    if params.logprobs:
-        raise invalid("sampling.logprobs is not supported yet; leave it at 0")
+    _check_decoding(params)
     if any(token < 0 for token in params.stop_token_ids):
         raise invalid("sampling.stop_token_ids must be non-negative token ids")
     if len(params.stop) > limits.max_stop_strings:
@@ -95,8 +104,9 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
     if engine_params.temperature < GREEDY_BELOW_TEMPERATURE:
         engine_params.temperature = 0.0
     del engine_params.stop[:]                 # stop strings are the gateway's business, never the engine's
+    engine_params.ClearField("n")             # so is n: the gateway sends one sequence per completion
     return ValidRequest(request_id, request.prompt if has_prompt else None, messages, engine_params, list(params.stop),
-                        limits)
+                        limits, n=max(1, params.n))
 
 
 def fit_max_tokens(valid: ValidRequest, prompt_tokens: int, context: int, vocab_size: int) -> None:
@@ -116,3 +126,85 @@ def fit_max_tokens(valid: ValidRequest, prompt_tokens: int, context: int, vocab_
                       f"context of {context} tokens (at most {room} output tokens fit)")
     if any(token >= vocab_size for token in params.stop_token_ids):
         raise invalid(f"sampling.stop_token_ids must be below the vocabulary size {vocab_size}")
+    if any(token >= vocab_size for token in params.logit_bias):
+        raise invalid(f"sampling.logit_bias keys must be token ids below the vocabulary size {vocab_size}")
+
+
+def _check_range(name: str, value: int, low: int, high: int, meaning: str = "") -> None:
+    if not low <= value <= high:
+        raise invalid(f"sampling.{name} must be in [{low}, {high}]{meaning}, got {value}")
+
+
+def _check_decoding(params: common_pb2.SamplingParams) -> None:
+    """logprobs, logit_bias, n and the decoding strategies (beam search, contrastive search, speculative)."""
+    greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
+    if params.HasField("logprobs"):
+        if params.logprobs < 0:
+            raise invalid(f"sampling.logprobs must be >= 0 (0 = the chosen token's only), got {params.logprobs}")
+        if params.logprobs > MAX_LOGPROBS:
+            raise invalid(f"sampling.logprobs is too large: {params.logprobs} alternatives asked, at most "
+                          f"{MAX_LOGPROBS} are returned")
+    if len(params.logit_bias) > MAX_LOGIT_BIAS:
+        raise invalid(f"sampling.logit_bias has {len(params.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+    for token, bias in params.logit_bias.items():
+        if token < 0:
+            raise invalid(f"sampling.logit_bias keys must be non-negative token ids, got {token}")
+        if not math.isfinite(bias) or not -100 <= bias <= 100:
+            raise invalid(f"sampling.logit_bias[{token}] must be in [-100, 100], got {bias}")
+
+    beams = params.num_beams > 1
+    _check_range("n", params.n, 0, MAX_N, " (0 = 1)")
+    _check_range("num_beams", params.num_beams, 0, MAX_BEAMS, " (0 or 1 = no beam search)")
+    if params.n > 1 and beams:
+        raise invalid("sampling.n > 1 with num_beams > 1 is not supported: beam search returns its best hypothesis "
+                      "(one completion)")
+    if params.n > 1 and greedy:
+        raise invalid("sampling.n > 1 needs sampling (temperature > 0): greedy completions would all be the same")
+    if beams and not greedy:
+        raise invalid(f"beam search (sampling.num_beams > 1) is greedy: sampling.temperature must be 0, "
+                      f"got {params.temperature}")
+    if beams and params.HasField("logprobs"):
+        raise invalid("sampling.logprobs with num_beams > 1 is not supported")
+    if not beams and (params.HasField("length_penalty") or params.early_stopping):
+        raise invalid("sampling.length_penalty and sampling.early_stopping apply to beam search only: "
+                      "set num_beams > 1 or leave them unset")
+    _finite("sampling.length_penalty", params.length_penalty)
+
+    _finite("sampling.penalty_alpha", params.penalty_alpha)
+    if not 0 <= params.penalty_alpha <= 1:
+        raise invalid(f"sampling.penalty_alpha must be in [0, 1] (0 = off), got {params.penalty_alpha}")
+    contrastive = params.penalty_alpha > 0
+    if contrastive and params.top_k < 2:
+        raise invalid(f"contrastive search (sampling.penalty_alpha > 0) needs sampling.top_k >= 2 candidates, "
+                      f"got {params.top_k}")
+    if contrastive and not greedy:
+        raise invalid(f"contrastive search (sampling.penalty_alpha > 0) is deterministic: sampling.temperature "
+                      f"must be 0, got {params.temperature}")
+
+    if params.speculative not in SPECULATIVE_MODES:
+        raise invalid(f"sampling.speculative must be one of {', '.join(repr(m) for m in SPECULATIVE_MODES)}, "
+                      f"got {params.speculative!r}")
+    chosen = [name for name, on in (("beam search (num_beams > 1)", beams),
+                                    ("contrastive search (penalty_alpha > 0)", contrastive),
+                                    (f"speculative decoding (speculative={params.speculative!r})",
+                                     bool(params.speculative))) if on]
+    if len(chosen) > 1:
+        raise invalid(f"sampling: {' and '.join(chosen)} are different decoding strategies; choose one")
+    if params.speculative == "lookahead" and not greedy:
+        raise invalid(f"lookahead decoding (sampling.speculative='lookahead') is greedy only: sampling.temperature "
+                      f"must be 0, got {params.temperature}")
+    _check_range("num_speculative_tokens", params.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS,
+                 " (0 = the engine's default)")
+    if params.num_speculative_tokens and not params.speculative:
+        raise invalid("sampling.num_speculative_tokens applies to speculative decoding only: set speculative")
+    _check_range("prompt_lookup_max_ngram", params.prompt_lookup_max_ngram, 0, MAX_PROMPT_LOOKUP_NGRAM,
+                 " (0 = default)")
+    if params.prompt_lookup_max_ngram and params.speculative != "prompt_lookup":
+        raise invalid("sampling.prompt_lookup_max_ngram applies only with speculative='prompt_lookup'")
+    _check_range("lookahead_window", params.lookahead_window, 0, MAX_LOOKAHEAD_WINDOW, " (0 = default)")
+    if params.lookahead_ngram and not LOOKAHEAD_NGRAM[0] <= params.lookahead_ngram <= LOOKAHEAD_NGRAM[1]:
+        raise invalid(f"sampling.lookahead_ngram must be 0 (default) or in [{LOOKAHEAD_NGRAM[0]}, "
+                      f"{LOOKAHEAD_NGRAM[1]}], got {params.lookahead_ngram}")
+    if (params.lookahead_window or params.lookahead_ngram) and params.speculative != "lookahead":
+        raise invalid("sampling.lookahead_window and sampling.lookahead_ngram apply only with "
+                      "speculative='lookahead'")

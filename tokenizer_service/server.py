@@ -49,6 +49,13 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                     text = detokenizer.add(list(request.token_ids), final=request.final)
                 yield tokenizer_pb2.DetokenizeResponse(text=text)
 
+    async def TokenTexts(self, request: tokenizer_pb2.TokenTextsRequest,
+                         context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenTextsResponse:
+        async with _status_on_error(context):
+            texts = self.tokenizer.token_texts.lookup(list(request.token_ids))
+        return tokenizer_pb2.TokenTextsResponse(
+            texts=[tokenizer_pb2.TokenText(text=t.text, raw=t.raw) for t in texts])
+
     async def GetInfo(self, request: tokenizer_pb2.GetTokenizerInfoRequest,
                       context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenizerInfo:
         return tokenizer_pb2.TokenizerInfo(

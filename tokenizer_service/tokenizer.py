@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBas
 
 from common.chat import CHAT_ROLES
 from tokenizer_service.detokenizer import IncrementalDetokenizer
+from tokenizer_service.token_texts import TokenTexts
 
 
 class TokenizerInputError(ValueError):
@@ -24,6 +25,7 @@ class PromptTokenizer:
         self.vocab_size = len(self.tokenizer)  # counts added tokens, unlike tokenizer.vocab_size
         self.eos_token_ids = _eos_token_ids(self.tokenizer, path)
         self.has_chat_template = bool(self.tokenizer.chat_template)
+        self.token_texts = TokenTexts(self.tokenizer)
 
     def encode_prompt(self, text: str) -> list[int]:
         if not text:

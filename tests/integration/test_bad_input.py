@@ -36,7 +36,7 @@ BAD_REQUESTS = {
     "stop token id past the vocabulary": (make_request("hello", max_tokens=4, stop_token_ids=[10**7]),
                                           "stop_token_ids"),
     "nan temperature": (make_request("hello", max_tokens=4, temperature=float("nan")), "temperature"),
-    "logprobs not supported yet": (make_request("hello", max_tokens=4, logprobs=3), "logprobs"),
+    "too many logprobs": (make_request("hello", max_tokens=4, logprobs=21), "logprobs is too large"),
 }
 
 

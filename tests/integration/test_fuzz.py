@@ -160,17 +160,21 @@ def check_http_answer(status: int, payload: bytes, streamed: bool) -> None:
         error = json.loads(payload)["error"]
         assert error["message"] and error["type"] and error["code"], error
         return
-    if not streamed:
+    if not streamed:   # n choices (n > 1 is valid with sampling)
         body = json.loads(payload)
-        assert body["choices"][0]["finish_reason"] in ("stop", "length"), body
-        assert 1 <= body["usage"]["completion_tokens"] <= MAX_OUTPUT
+        assert all(choice["finish_reason"] in ("stop", "length") for choice in body["choices"]), body
+        assert 1 <= body["usage"]["completion_tokens"] <= MAX_OUTPUT * len(body["choices"])
         return
     events = [line[len("data: "):] for line in payload.decode().split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]", events
     chunks = [json.loads(event) for event in events[:-1]]
     assert all("error" not in chunk for chunk in chunks), chunks
-    reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    assert reasons in (["stop"], ["length"]), chunks
+    reasons: dict[int, list[str]] = {}
+    for choice in (c["choices"][0] for c in chunks if c["choices"]):
+        reasons.setdefault(choice["index"], [])
+        if choice["finish_reason"]:
+            reasons[choice["index"]].append(choice["finish_reason"])
+    assert reasons and all(r in (["stop"], ["length"]) for r in reasons.values()), chunks
 
 
 def test_random_http_requests_get_a_success_or_a_4xx(fuzzed, tiny_stack):

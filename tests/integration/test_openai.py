@@ -148,12 +148,110 @@ def test_vllm_extras_and_penalties_behave_as_on_grpc(client, model, gateway):
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens <= 4
 
 
-def test_n_above_one_is_refused_clearly(client, model):
+def test_n_above_sixteen_is_refused_clearly(client, model):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=2)
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=17)
     assert info.value.status_code == 400
-    assert "n=2 is not supported" in info.value.message
-    assert info.value.body["param"] == "n" and info.value.body["code"] == "invalid_argument"
+    assert "sampling.n must be in [0, 16]" in info.value.message
+    assert info.value.body["code"] == "invalid_argument"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, n=2, temperature=0)
+    assert "n > 1 needs sampling" in info.value.message
+
+
+def test_n_choices_whole_and_streamed(client, model):
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, n=3, seed=4,
+                                      extra_body={"ignore_eos": True})
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in whole.choices)
+    assert len({c.text for c in whole.choices}) == 3
+    assert whole.usage.completion_tokens == 3 * 8 and whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+    texts: dict[int, str] = {}
+    finishes: dict[int, list[str]] = {}
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=8, n=3, seed=4, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        if choice.finish_reason:
+            finishes.setdefault(choice.index, []).append(choice.finish_reason)
+    assert texts == {c.index: c.text for c in whole.choices}      # same seeds, same completions
+    assert finishes == {0: ["length"], 1: ["length"], 2: ["length"]}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+
+
+def test_n_chat_stream_announces_the_role_once_per_choice(client, model):
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, n=2, temperature=0.8,
+                                                 seed=2, stream=True))
+    roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    whole = client.chat.completions.create(model=model, messages=CHAT, max_tokens=6, n=2, temperature=0.8, seed=2)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for choice in whole.choices:
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == choice.index)
+        assert streamed == choice.message.content
+
+
+def visible_bytes(entries, tokenizer) -> str:
+    """The text behind logprob entries: their bytes, without special tokens (which decode skips)."""
+    special = {token.content for token in tokenizer.added_tokens_decoder.values()}
+    return b"".join(bytes(e.bytes) for e in entries if e.token not in special).decode("utf-8", "replace")
+
+
+def test_chat_logprobs_and_top_logprobs(client, model, tokenizer):
+    whole = client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0, logprobs=True,
+                                           top_logprobs=3, extra_body={"ignore_eos": True})
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 10
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs),
+                                                                 reverse=True)
+        assert entry.bytes and all(t.bytes for t in entry.top_logprobs)
+    assert visible_bytes(content, tokenizer) == whole.choices[0].message.content
+    streamed = [entry for chunk in client.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3, stream=True,
+        extra_body={"ignore_eos": True}) if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0, logprobs=True)
+    assert all(entry.top_logprobs == [] for entry in plain.choices[0].logprobs.content)
+    none = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0)
+    assert none.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_format(client, model):
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True})
+    logprobs = whole.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert top[token] == logprob and max(top.values()) == logprob     # greedy: the chosen is the most likely
+        assert 1 <= len(top) <= 3
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(8)]
+    streamed = [t for chunk in client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                                         logprobs=2, stream=True, extra_body={"ignore_eos": True})
+                if chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.tokens]
+    assert streamed == logprobs.tokens
+
+
+def test_chat_top_logprobs_needs_logprobs(tiny_stack):
+    status, reply = post(tiny_stack, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, "top_logprobs": 2})
+    assert status == 400 and reply["error"]["param"] == "top_logprobs"
+
+
+def test_logit_bias_with_string_keys_and_extension_fields_are_accepted(client, model):
+    biased = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0,
+                                       logit_bias={"50": 0.0, "7": -1.5})
+    assert biased.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, extra_body={"num_beams": 2,
+                                                                                         "temperature": 0.5})
+    assert "num_beams" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=4, extra_body={"speculative": "medusa"})
+    assert "speculative" in info.value.message
 
 
 @pytest.mark.parametrize("body,status,param,words", [

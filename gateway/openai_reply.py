@@ -1,0 +1,149 @@
+"""OpenAI's response objects for one request, built from the pipeline's chunks: the whole answer, or its streamed
+chunks; `n` choices (chunks of different choices interleave, each names its index) and log-probabilities in
+OpenAI's two formats (chat: `logprobs.content`; completions: the legacy `tokens` / `token_logprobs` /
+`top_logprobs` / `text_offset`)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.pipeline import Chunk
+from splitserve.v1 import common_pb2
+
+# JSON has no -Infinity; vLLM reports impossible tokens as -9999.0 too.
+MIN_LOGPROB = -9999.0
+
+
+def _logprob(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+@dataclass
+class _Choice:
+    """What one choice has received so far."""
+    text: list[str] = field(default_factory=list)
+    logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)
+    token_bytes: dict[int, bytes] = field(default_factory=dict)
+    text_offset: int = 0          # completions: where the next token's text starts
+    started: bool = False         # a chat stream sent this choice's role
+    last: Chunk | None = None     # the chunk with finish_reason and usage
+
+
+class Reply:
+    def __init__(self, chat: bool, response_id: str, model: str, logprobs: bool) -> None:
+        self.chat = chat
+        self.id = response_id
+        self.model = model
+        self.logprobs = logprobs      # the request asked for them
+        self.created = int(time.time())
+        self.choices: dict[int, _Choice] = {}
+
+    def _envelope(self, choices: list[dict[str, Any]], chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def usage(self) -> dict[str, int]:
+        """The prompt counts once; completion tokens add up over the choices (as OpenAI's API)."""
+        lasts = [choice.last for choice in self.choices.values() if choice.last is not None]
+        prompt = lasts[0].prompt_tokens if lasts else 0
+        completion = sum(last.completion_tokens for last in lasts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _choice(self, chunk: Chunk) -> _Choice:
+        choice = self.choices.setdefault(chunk.index, _Choice())
+        choice.token_bytes.update(chunk.token_bytes)
+        if chunk.finish_reason:
+            choice.last = chunk
+        return choice
+
+    # ---- log-probabilities ------------------------------------------------------------------------------------
+
+    def _bytes(self, choice: _Choice, token_id: int) -> list[int]:
+        return list(choice.token_bytes.get(token_id, b""))
+
+    def _chat_logprobs(self, choice: _Choice, logprobs: list[common_pb2.TokenLogprobs]) -> dict[str, Any]:
+        return {"content": [{
+            "token": lp.token, "logprob": _logprob(lp.logprob), "bytes": self._bytes(choice, lp.token_id),
+            "top_logprobs": [{"token": top.token, "logprob": _logprob(top.logprob),
+                              "bytes": self._bytes(choice, top.token_id)} for top in lp.top],
+        } for lp in logprobs], "refusal": None}
+
+    def _completion_logprobs(self, choice: _Choice, logprobs: list[common_pb2.TokenLogprobs]) -> dict[str, Any]:
+        # As vLLM: each position's dict holds the alternatives and the chosen token.
+        offsets = []
+        for lp in logprobs:
+            offsets.append(choice.text_offset)
+            choice.text_offset += len(lp.token)
+        return {
+            "tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [_logprob(lp.logprob) for lp in logprobs],
+            "top_logprobs": [{**{top.token: _logprob(top.logprob) for top in lp.top}, lp.token: _logprob(lp.logprob)}
+                             for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def _format_logprobs(self, choice: _Choice, logprobs: list[common_pb2.TokenLogprobs]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        return (self._chat_logprobs if self.chat else self._completion_logprobs)(choice, logprobs)
+
+    # ---- the whole answer -------------------------------------------------------------------------------------
+
+    def add(self, chunk: Chunk) -> None:
+        choice = self._choice(chunk)
+        choice.text.append(chunk.text)
+        choice.logprobs.extend(chunk.logprobs)
+
+    def whole(self) -> dict[str, Any]:
+        choices = []
+        for index in sorted(self.choices):
+            choice = self.choices[index]
+            assert choice.last is not None
+            text = "".join(choice.text)
+            body: dict[str, Any] = {"index": index, "logprobs": self._format_logprobs(choice, choice.logprobs),
+                                    "finish_reason": choice.last.finish_reason}
+            if self.chat:
+                body["message"] = {"role": "assistant", "content": text}
+            else:
+                body["text"] = text
+            choices.append(body)
+        return {**self._envelope(choices, chunk=False), "usage": self.usage()}
+
+    # ---- streamed chunks --------------------------------------------------------------------------------------
+
+    def deltas(self, chunk: Chunk, include_usage: bool) -> list[dict[str, Any]]:
+        """The events for one chunk: a chat choice's first chunk also announces the role; the tokens' logprobs ride
+        on the event with their text (or on the finish event when they have none, e.g. EOS)."""
+        choice = self._choice(chunk)
+        events = []
+
+        def event(content: str | None, finish_reason: str | None, role: bool = False,
+                  logprobs: list[common_pb2.TokenLogprobs] | None = None) -> dict[str, Any]:
+            body: dict[str, Any] = {"index": chunk.index,
+                                    "logprobs": self._format_logprobs(choice, logprobs) if logprobs else None,
+                                    "finish_reason": finish_reason}
+            if self.chat:
+                delta: dict[str, Any] = {} if content is None else {"content": content}
+                if role:
+                    delta["role"] = "assistant"
+                body["delta"] = delta
+            else:
+                body["text"] = content or ""
+            envelope = self._envelope([body], chunk=True)
+            if include_usage:
+                envelope["usage"] = None
+            return envelope
+
+        if self.chat and not choice.started:
+            choice.started = True
+            events.append(event("", None, role=True))
+        if chunk.text:
+            events.append(event(chunk.text, None, logprobs=chunk.logprobs))
+        if chunk.finish_reason:
+            events.append(event(None, chunk.finish_reason, logprobs=None if chunk.text else chunk.logprobs))
+        return events
+
+    def usage_event(self) -> dict[str, Any]:
+        """With include_usage: one more chunk after every choice finished, with no choices and the usage."""
+        return {**self._envelope([], chunk=True), "usage": self.usage()}
