@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench import peers, report
 from bench.inprocess import inprocess_throughput
+from bench.speculative import speculative_scenario
 from bench.splitserve_client import run_concurrent
 from common.config import describe, load_config
 from common.logs import setup_logging
@@ -39,6 +40,7 @@ class BenchConfig:
     prompt_lengths: str = field(default="64,256,1024,2048", metadata={"help": "TTFT vs prompt length"})
     threads: int = field(default=0, metadata={"help": "CPU threads for every system; 0 = all cores"})
     llamacpp_python: str = field(default=".bench-venv/bin/python", metadata={"help": "python with llama-cpp-python"})
+    speculative_max_tokens: int = field(default=128, metadata={"help": "output tokens, speculative scenario"})
     hf_continuous_batching: bool = field(default=True, metadata={"help": "run transformers' generate_batch"})
     out: str = field(default="bench/results", metadata={"help": "where latest.json and the plots go"})
     log_level: str = "WARNING"
@@ -109,7 +111,7 @@ def main() -> None:
     stack = Stack(model=config.model, ports=Ports.free(), log_dir=out / "logs", engine_args=engine_args)
     print("starting splitserve...", flush=True)
     stack.start()
-    progress = tqdm(total=7 + 2 * len(levels), desc="bench", unit="step")
+    progress = tqdm(total=8 + 2 * len(levels), desc="bench", unit="step")
     try:
         with grpc.insecure_channel(stack.address("gateway")) as channel:
             info = gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest())
@@ -197,14 +199,17 @@ def main() -> None:
     del model
     runner = ModelRunner(path, "bench", torch.device(info.device), dtype, kv_cache_bytes=1 << 30, block_size=16,
                          max_model_len=0)
-    engine = Engine(runner, max_num_seqs=64, max_num_batched_tokens=2048, max_waiting=1024)
+    engine = Engine(runner, max_num_seqs=64, max_num_batched_tokens=2048, max_waiting=1024, draft_layers=-1)
     engine.start()
     inprocess_throughput(engine, ids[:2], 4)  # warm-up
     inproc = inprocess_throughput(engine, ids[:16], n)
-    engine.stop()
     scenarios["overhead"] = {"systems": {"splitserve_grpc": {"tokens_per_s": grpc_tps}, "engine_inprocess": inproc},
                              "ratios": {"grpc_over_inprocess_throughput": report.ratio(grpc_tps,
                                                                                        inproc["tokens_per_s"])}}
+    progress.update()
+    progress.set_postfix_str("speculative")
+    scenarios["speculative"] = speculative_scenario(engine, tokenizer, config.speculative_max_tokens)
+    engine.stop()
     progress.update()
     progress.close()
 
