@@ -25,6 +25,7 @@ class Admission:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.running = 0        # slots held
+        self.requests = 0       # requests holding them
         self.draining = False
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
 
@@ -37,9 +38,11 @@ class Admission:
         """Holds `weight` running slots for the body; raises GatewayError when they cannot be had."""
         weight = min(max(1, weight), self.max_running)
         await self._acquire(deadline, weight)
+        self.requests += 1
         try:
             yield
         finally:
+            self.requests -= 1
             self._release(weight)
 
     def start_draining(self) -> None:
@@ -53,8 +56,9 @@ class Admission:
             return
         if len(self._waiters) >= self.max_waiting:
             raise GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"the gateway is at capacity ({self.running} sequences running, {self.waiting} "
-                               f"requests waiting; limits {self.max_running} and {self.max_waiting}); retry later")
+                               f"the gateway is at capacity ({self.requests} requests running, {self.waiting} waiting; "
+                               f"{self.running} of {self.max_running} sequence slots taken, at most "
+                               f"{self.max_waiting} requests wait); retry later")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiter = (future, weight)
         self._waiters.append(waiter)
