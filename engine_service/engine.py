@@ -18,7 +18,7 @@ from engine_service import metrics
 from engine_service.model_runner import ModelRunner, in_place
 from engine_service.drafting import chain
 from engine_service.sampler import Sampler
-from engine_service.strategies import make_strategy
+from engine_service.strategies import BeamGroup, make_strategy
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceStatus, TokenLogprobs
@@ -98,11 +98,13 @@ class Engine:
                 raise EngineFullError(f"the engine's waiting queue is full ({self.max_waiting} requests)")
             self._pending += 1
         try:
-            strategy = make_strategy(params, context, self.draft_layers)
+            strategy = make_strategy(params, context, self.draft_layers, self.spec.eos_token_ids, len(prompt_ids))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, on_output=on_output,
                        strategy=strategy)
+        if isinstance(strategy, BeamGroup):
+            strategy.leader = seq
         self._inbox.put(("add", seq))
         return seq
 
@@ -183,6 +185,10 @@ class Engine:
             rows = logits if len(plain) == len(sampling) else logits[plain]
             sampled = self.sampler(rows, [sampling[i].seq for i in plain])
         last_logits = {id(c): logits[i] for i, c in enumerate(sampling)}
+        beam_rows: dict[int, tuple[BeamGroup, list[int]]] = {}
+        for i, c in enumerate(sampling):
+            if isinstance(c.seq.strategy, BeamGroup):
+                beam_rows.setdefault(id(c.seq.strategy), (c.seq.strategy, []))[1].append(i)
         for c in chunks:
             c.seq.num_steps += 1
             if c.tree is not None:
@@ -199,6 +205,8 @@ class Engine:
         for c in chunks:
             if c.tree is not None:
                 self._accept_tree(c, now)
+        for group, rows in beam_rows.values():
+            self._beam_step(group, logits[rows], [sampling[i].seq for i in rows], now)
 
     def _plan(self, chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
         """Gives each strategy step its rows (a DraftTree); returns the chunks that run this step."""
@@ -213,6 +221,15 @@ class Engine:
             c.want_hidden = strategy.wants_hidden
             if not strategy.span(c.seq):
                 planned.append(c)
+                continue
+            if isinstance(strategy, BeamGroup):
+                beams = strategy.beams
+                needed = sum(self.scheduler.blocks.blocks_needed(b, b.num_computed + 1) for b in beams)
+                if needed > self.scheduler.blocks.num_free:
+                    continue    # the group waits for free blocks
+                for beam in beams:
+                    self.scheduler.blocks.allocate(beam, beam.num_computed + 1)
+                    planned.append(ScheduledChunk(beam, beam.num_computed, beam.num_computed + 1))
                 continue
             if getattr(strategy, "mode", "") == "draft":
                 drafting.append(c)
@@ -263,6 +280,47 @@ class Engine:
             if probs[id(c)]:
                 c.seq.strategy.draft_probs = torch.stack(probs[id(c)])
 
+    def _beam_step(self, group: BeamGroup, logits: torch.Tensor, seqs: list[Sequence], now: float) -> None:
+        """Feeds the live beams' (or, first, the prompt's) logits to the search; forks, extends and frees beams."""
+        leader = group.leader
+        assert leader is not None
+        if seqs == [leader]:
+            if group.started:
+                return    # the leader recomputed its prompt after a preemption: the beams already exist
+            group.started = True
+        step = group.search.step(self.sampler.process(logits, seqs).log_softmax(dim=-1))
+        blocks = self.scheduler.blocks
+        parents = group.beams or [leader]
+        if step.done:
+            group.release(blocks)
+            for token in group.search.best():
+                self._append_token(leader, token, now)
+                if leader.is_finished:
+                    return
+            self._finish(leader, "length")
+            return
+        reused: set[int] = set()
+        beams: list[Sequence] = []
+        for index, token in zip(step.parents, step.tokens):
+            parent = parents[index]
+            if parent is not leader and index not in reused:
+                reused.add(index)     # the first child continues its parent's blocks; the others copy them
+                beams.append(parent)
+                continue
+            child = Sequence(request_id=f"{leader.request_id}#beam", prompt_ids=leader.prompt_ids,
+                             params=leader.params, on_output=leader.on_output, output_ids=list(parent.output_ids),
+                             status=SequenceStatus.RUNNING, strategy=group)
+            copy = blocks.fork(parent, child)
+            if copy is not None:
+                self.runner.cache.copy_block(*copy, blocks.block_size)
+            beams.append(child)
+        for index, parent in enumerate(parents):
+            if parent is not leader and index not in reused:
+                blocks.free(parent)
+        for beam, token in zip(beams, step.tokens):
+            beam.output_ids.append(token)
+        group.beams = beams
+
     def _accept_tree(self, c: ScheduledChunk, now: float) -> None:
         seq, strategy = c.seq, c.seq.strategy
         result = strategy.accept(seq, c.tree, c.logits, c.hidden, self.sampler)
@@ -298,6 +356,8 @@ class Engine:
         if seq.status is SequenceStatus.FINISHED:
             return
         self.scheduler.finish(seq, reason)
+        if isinstance(seq.strategy, BeamGroup):
+            seq.strategy.release(self.scheduler.blocks)
         self._live.pop(seq.request_id, None)
         metrics.REQUESTS_FINISHED.labels(finish_reason=reason).inc()
         seq.on_output(last_tokens or [], reason, logprobs or [])

@@ -102,6 +102,26 @@ class BlockManager:
                 self.block_hash[block] = key
                 self.block_tokens[block] = tokens
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Gives child (no blocks yet) parent's computed positions: the full blocks are shared (reference-counted),
+        a partly filled last block is copied into a fresh one. Returns (source, copy) blocks whose contents the
+        caller must copy, or None."""
+        assert not child.block_table
+        full, partial = divmod(parent.num_computed, self.block_size)
+        if partial and not self.free_blocks:
+            raise MemoryError("KV cache exhausted")
+        for block in parent.block_table[:full]:
+            self.ref_counts[block] += 1
+            child.block_table.append(block)
+        child.num_computed = parent.num_computed
+        if not partial:
+            return None
+        block, _ = self.free_blocks.popitem(last=False)
+        self._forget(block)
+        self.ref_counts[block] = 1
+        child.block_table.append(block)
+        return parent.block_table[full], block
+
     def free(self, seq: Sequence) -> None:
         # Tail blocks first, so that they are also the first to be reused: prefixes stay cached longest.
         for block in reversed(seq.block_table):
@@ -134,6 +154,10 @@ class KVCache:
         self.k = [torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
                   for _ in range(shape.num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
+
+    def copy_block(self, source: int, target: int, block_size: int) -> None:
+        slots = torch.arange(block_size, device=self.k[0].device)
+        self.copy_slots(slots + source * block_size, slots + target * block_size)
 
     def copy_slots(self, source: torch.Tensor, target: torch.Tensor) -> None:
         for cache in (*self.k, *self.v):

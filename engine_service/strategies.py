@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from engine_service.beam_search import BeamSearch
 from engine_service.drafting import Accepted, DraftTree, Lookahead, accept_greedy, chain, prompt_lookup
+from engine_service.kv_cache import BlockManager
 from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence, TokenLogprobs
@@ -230,9 +232,36 @@ def contrastive_choice(probs: torch.Tensor, candidates: torch.Tensor, context: t
     return int(((1 - alpha) * probs - alpha * degeneration).argmax())
 
 
-def make_strategy(params: SamplingParams, context: int, draft_layers: int) -> Strategy | None:
+class BeamGroup(Strategy):
+    """Beam search: the request's sequence prefills the prompt; then its beams, sequences of their own that share
+    the prompt's blocks, decode side by side in the batched forward pass, and engine_service.beam_search decides
+    after each step which continue (the engine forks and frees their blocks). The text arrives when it ends."""
+    consumes_prefill = True
+
+    def __init__(self, params: SamplingParams, eos_token_ids: tuple[int, ...], max_new_tokens: int,
+                 prompt_len: int) -> None:
+        self.search = BeamSearch(params.num_beams, max_new_tokens, eos_token_ids, params.length_penalty,
+                                 params.early_stopping, prompt_len)
+        self.beams: list[Sequence] = []          # the live beams, in the search's order
+        self.leader: Sequence | None = None      # the request's own sequence (set by the engine)
+        self.started = False                     # the prompt's logits went to the search
+
+    def span(self, seq: Sequence) -> int:
+        return 1 if self.beams else 0
+
+    def release(self, blocks: BlockManager) -> None:
+        for beam in self.beams:
+            blocks.free(beam)
+        self.beams = []
+
+
+def make_strategy(params: SamplingParams, context: int, draft_layers: int, eos_token_ids: tuple[int, ...] = (),
+                  prompt_len: int = 0) -> Strategy | None:
     """The strategy a request asks for (None: plain sampling or greedy). Raises ValueError when the engine
     cannot serve it."""
+    if params.num_beams > 1:
+        return BeamGroup(params, () if params.ignore_eos else eos_token_ids + params.stop_token_ids,
+                         min(params.max_tokens, context - prompt_len), prompt_len)
     if params.penalty_alpha > 0:
         if params.top_k > MAX_CONTRASTIVE_TOP_K:
             raise ValueError(f"contrastive search takes at most top_k={MAX_CONTRASTIVE_TOP_K} candidates, "

@@ -124,3 +124,14 @@ def test_speculative_sampling_keeps_the_target_distribution(with_draft_model):
         tokens = strategy._accept_sampled(seq, [guess], logits.softmax(dim=-1), sampler)
         counts[tokens[0]] += 1
     assert chisquare(counts, (p * 20_000).tolist()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("num_beams,options", [(2, {}), (4, {}), (4, {"length_penalty": 0.5, "early_stopping": True}),
+                                               (3, {"length_penalty": 2.0})])
+def test_beam_search_equals_generate(engine, tiny_model, twenty_prompts, num_beams, options):
+    """Beams of all the prompts share the batch; each equals generate(num_beams=k, do_sample=False)."""
+    prompts = twenty_prompts[:8]
+    got = run(engine, prompts, num_beams=num_beams, **options)
+    assert got == [reference_greedy(tiny_model, ids, MAX_TOKENS, num_beams=num_beams, **options) for ids in prompts]
+    assert got != [reference_greedy(tiny_model, ids, MAX_TOKENS) for ids in prompts]   # it is not greedy
+    assert engine.stats().kv_blocks_used == 0
