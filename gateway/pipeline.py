@@ -179,18 +179,14 @@ class Pipeline:
     async def _fan_out(self, request: ValidRequest, completions: list[Completion], prompt_ids: list[int],
                        remaining: Remaining, timings: Timings) -> AsyncIterator[Chunk]:
         """Runs the n completions at once and yields their chunks as they come (interleaved, each with its index).
-        The first prefills alone, so that the others find the prompt in the engine's prefix cache. A failure of
-        one, or the request ending early, ends them all (their engine sequences are aborted)."""
+        The engine computes the shared prompt once: it holds the others back while the first prefills it, then
+        takes its blocks from the prefix cache. A failure of one, or the request ending early, ends them all
+        (their engine sequences are aborted)."""
         queue: asyncio.Queue[Chunk | Exception | None] = asyncio.Queue()   # None: one completion is done
-        first_prefilled = asyncio.Event()
 
         async def run(completion: Completion) -> None:
             try:
-                if completion.index:
-                    await first_prefilled.wait()
-                on_prefilled = first_prefilled.set if completion.index == 0 else None
-                async with aclosing(self._complete(request, completion, prompt_ids, remaining, timings,
-                                                   on_prefilled)) as chunks:
+                async with aclosing(self._complete(request, completion, prompt_ids, remaining, timings)) as chunks:
                     async for chunk in chunks:
                         queue.put_nowait(chunk)
                 queue.put_nowait(None)
@@ -214,8 +210,7 @@ class Pipeline:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _complete(self, request: ValidRequest, completion: Completion, prompt_ids: list[int],
-                        remaining: Remaining, timings: Timings,
-                        on_prefilled: Callable[[], None] | None = None) -> AsyncIterator[Chunk]:
+                        remaining: Remaining, timings: Timings) -> AsyncIterator[Chunk]:
         """One engine sequence: prefill, then decode -> detokenize -> stop strings, as chunks with its index."""
         try:
             # 2. Prefill: the engine admits the sequence, returns its first token and keeps decoding.
@@ -226,8 +221,6 @@ class Pipeline:
             timings.slowest("prefill", max(0.0, prefill_done - started - prefill.queue_seconds))
             completion.last_token = prefill_done
             completion.running = not prefill.finish_reason
-            if on_prefilled is not None:
-                on_prefilled()
 
             # 3 + 4. Decode stream -> detokenize stream -> stop strings -> client.
             stops = StopMatcher(request.stop)

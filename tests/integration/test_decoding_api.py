@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import make_request, prompt_ids, rpc_error, start_extra_gateway, stream
-from tests.integration.test_lifecycle import wait_until
+from tests.integration.test_lifecycle import scrape, wait_until
 from tests.unit.test_validation import INVALID_DECODING
 from splitserve.v1 import engine_pb2, gateway_pb2_grpc
 from tokenizer_service.token_texts import TokenTexts
@@ -103,6 +103,17 @@ def test_n_completions_each_finish_with_usage_and_free_the_engine(gateway, engin
     single = stream(gateway, make_request(PROMPT, max_tokens=12, temperature=1.0, seed=6, ignore_eos=True))
     assert single.text == texts[1]                         # completion 1 samples with seed 5 + 1
     assert engine_idle(engine, baseline)
+
+
+def test_n_completions_compute_the_prompt_once(gateway, tiny_stack, tokenizer):
+    """The other completions take the prompt's full blocks from the engine's prefix cache."""
+    prompt = "A fresh prompt that no other test sends, long enough to fill a few cache blocks: " * 3
+    full_blocks = len(prompt_ids(tokenizer, prompt)) // 16 * 16      # the tiny stack's block size
+    hits = "splitserve_engine_prefix_cache_hits_total"
+    before = scrape(tiny_stack.ports.engine_metrics)[hits]
+    got = stream(gateway, make_request(prompt, max_tokens=4, temperature=1.0, n=4, ignore_eos=True))
+    assert sorted(by_index(got.chunks)) == [0, 1, 2, 3]
+    assert scrape(tiny_stack.ports.engine_metrics)[hits] - before >= 3 * full_blocks > 0
 
 
 def test_n_completions_apply_stop_strings_each(gateway):
