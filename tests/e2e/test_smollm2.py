@@ -13,7 +13,7 @@ from common.stack import Stack
 from tests.conftest import start_stack
 from tests.helpers import (
     assert_equals_generate, assert_text_is_decode_of_ids, check_greedy_close, greedy_batch, make_request, prompt_ids,
-    reference_greedy, stream,
+    reference_greedy, stream, stream_all,
 )
 from tests.prompts import CHATS, PROMPTS
 from splitserve.v1 import gateway_pb2_grpc
@@ -107,3 +107,26 @@ def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smoll
                                tolerance=0.5)
     finally:
         engine.stop()
+
+
+@pytest.fixture(scope="module")
+def greedy_references(smollm2_model, tokenizer) -> list[list[int]]:
+    return [reference_greedy(smollm2_model, prompt_ids(tokenizer, p), MAX_TOKENS) for p in ALL_PROMPTS[:20]]
+
+
+@pytest.mark.parametrize("mode", ["prompt_lookup", "draft", "lookahead"])
+def test_speculative_greedy_equals_plain_greedy(smollm2_gateway, greedy_references, mode):
+    """Through the public API, 20 prompts, 8 at a time: every speculative mode gives plain greedy's tokens."""
+    requests = [make_request(p, max_tokens=MAX_TOKENS, temperature=0.0, speculative=mode) for p in ALL_PROMPTS[:20]]
+    got = stream_all(smollm2_gateway, requests, concurrency=8)
+    assert [g.token_ids for g in got] == greedy_references
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_equals_generate(smollm2_gateway, smollm2_model, tokenizer, num_beams):
+    prompts = [p for p in ALL_PROMPTS if not isinstance(p, str)][:3] + [p for p in ALL_PROMPTS if isinstance(p, str)][:3]
+    requests = [make_request(p, max_tokens=MAX_TOKENS, num_beams=num_beams) for p in prompts]
+    got = stream_all(smollm2_gateway, requests, concurrency=6)
+    for result, prompt in zip(got, prompts):
+        ids = prompt_ids(tokenizer, prompt)
+        assert result.token_ids == reference_greedy(smollm2_model, ids, MAX_TOKENS, num_beams=num_beams)
