@@ -259,11 +259,3 @@ def test_prompt_lookup_needs_fewer_passes_than_tokens_on_smollm2(smollm2_model, 
         tokens, passes = tokens + len(got), passes + used
     print(f"\nprompt lookup (SmolLM2, repetitive): {tokens} tokens in {passes} forward passes")
     assert passes <= 0.6 * tokens
-
-
-@pytest.mark.e2e
-def test_lookahead_equals_greedy_on_smollm2(smollm2_model, tokenizer):
-    prompts = [prompt_ids(tokenizer, p) for p in REPETITIVE + PROMPTS[:1]]
-    expected = [reference_greedy(smollm2_model, ids, MAX_NEW) for ids in prompts]
-    check_against_greedy("lookahead W=7 N=4 (SmolLM2)", lambda ids: lookahead_decoding(smollm2_model, ids, 7, 4),
-                         prompts, expected)
