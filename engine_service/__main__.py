@@ -29,8 +29,8 @@ class EngineConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV cache of shared prompt prefixes"})
     small_step_bf16: bool = field(default=True, metadata={
-        "help": "CPU, fp32 models: decode steps of 1-2 sequences read a bf16 copy of the weights (about 2x faster; "
-                "greedy output then matches fp32 up to near-ties)"})
+        "help": "CPU, fp32 models: decode steps of up to 16 sequences read a bf16 copy of the weights (half the "
+                "bytes; fp32 activations and accumulation on AVX2; greedy output then matches fp32 up to near-ties)"})
     fast_path: bool = field(default=True, metadata={"help": "hand-written forward pass for Llama-family models"})
     draft_layers: int = field(default=-1, metadata={
         "help": "speculative=\"draft\" requests draft with the model's first N layers (self-speculative early "

@@ -27,12 +27,12 @@ class PrefillChunk:
 
 @dataclass
 class StepContext:
-    k_cache: list[torch.Tensor]          # per layer: [num_slots, kv_heads, head_dim]
+    k_cache: list[torch.Tensor]          # per layer: [kv_heads, num_slots, head_dim]
     v_cache: list[torch.Tensor]
     slot_mapping: torch.Tensor           # [T]: where each new token's key/value goes
     num_decode: int                      # the first num_decode tokens are single-token decodes
     decode_slots: torch.Tensor | None    # [num_decode, max_len] cache slots of each decode's context (padded)
-    decode_mask: torch.Tensor | None     # [num_decode, 1, 1, max_len] True where attended; None if no padding
+    decode_mask: torch.Tensor | None     # [1, num_decode, 1, max_len] True where attended; None if no padding
     prefills: list[PrefillChunk]
 
 
@@ -46,19 +46,22 @@ def set_step_context(context: StepContext | None) -> None:
 
 def _decode_attention(groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
-    """query [B, H, 1, D], key/value [B, Hkv, L, D] -> [B, H, 1, D].
+    """query [B, H, D], key/value [Hkv, B, L, D] -> [B, H, D].
 
-    One query token per sequence: two batched matmuls and a softmax, with the heads that share a key/value head
-    folded together. On CPUs this is several times faster than SDPA's flash kernel, built for long queries.
+    One query token per sequence: two batched matmuls (over heads x sequences) and a softmax, with the heads that
+    share a key/value head folded together. On CPUs this is several times faster than SDPA's flash kernel, built
+    for long queries; the gathered keys/values are used in the cache's own layout, without a copy.
     """
-    batch, heads, _, dim = query.shape
+    batch, heads, dim = query.shape
+    kv_heads = key.shape[0]
     # fp32 math: CPU batched matmuls in bf16 fall back to one small product per (sequence, head).
-    q = query.reshape(batch, heads // groups, groups, dim).float()               # [B, Hkv, G, D]
-    scores = torch.matmul(q, key.float().transpose(-1, -2)) * (scaling if scaling is not None else dim ** -0.5)
+    q = query.reshape(batch, kv_heads, groups, dim).transpose(0, 1).float()          # [Hkv, B, G, D]
+    scores = torch.matmul(q, key.float().transpose(-1, -2))                          # [Hkv, B, G, L]
+    scores = scores * (scaling if scaling is not None else dim ** -0.5)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))                        # mask [B, 1, 1, L]
-    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())
-    return out.reshape(batch, heads, 1, dim).to(query.dtype)
+        scores = scores.masked_fill(~mask, float("-inf"))                           # mask [1, B, 1, L]
+    out = torch.matmul(torch.softmax(scores, dim=-1), value.float())                 # [Hkv, B, G, D]
+    return out.transpose(0, 1).reshape(batch, heads, dim).to(query.dtype)
 
 
 def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -67,16 +70,15 @@ def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torc
     ctx = _context
     assert ctx is not None, "paged attention called outside an engine step"
     k_cache, v_cache = ctx.k_cache[layer], ctx.v_cache[layer]
-    k_cache.index_copy_(0, ctx.slot_mapping, key.to(k_cache.dtype))
-    v_cache.index_copy_(0, ctx.slot_mapping, value.to(v_cache.dtype))
+    k_cache.index_copy_(1, ctx.slot_mapping, key.transpose(0, 1).to(k_cache.dtype))
+    v_cache.index_copy_(1, ctx.slot_mapping, value.transpose(0, 1).to(v_cache.dtype))
     outputs: list[torch.Tensor] = []
     if ctx.num_decode:
-        q = query[: ctx.num_decode].unsqueeze(2)                                 # [B, H, 1, D]
         batch, length = ctx.decode_slots.shape
         flat = ctx.decode_slots.view(-1)
-        k = k_cache.index_select(0, flat).view(batch, length, *k_cache.shape[1:]).permute(0, 2, 1, 3)
-        v = v_cache.index_select(0, flat).view(batch, length, *v_cache.shape[1:]).permute(0, 2, 1, 3)
-        outputs.append(_decode_attention(groups, q, k, v, ctx.decode_mask, scaling).squeeze(2))   # [B, H, D]
+        k = k_cache.index_select(1, flat).view(k_cache.shape[0], batch, length, k_cache.shape[2])
+        v = v_cache.index_select(1, flat).view(v_cache.shape[0], batch, length, v_cache.shape[2])
+        outputs.append(_decode_attention(groups, query[: ctx.num_decode], k, v, ctx.decode_mask, scaling))
     for chunk in ctx.prefills:
         q = query[chunk.query_start: chunk.query_end].transpose(0, 1).unsqueeze(0)          # [1, H, n, D]
         if chunk.context_slots is None:
@@ -85,8 +87,8 @@ def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torc
             out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scaling,
                                                  enable_gqa=groups > 1)
         else:
-            k = k_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)   # [1, Hkv, L, D]
-            v = v_cache.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
+            k = k_cache.index_select(1, chunk.context_slots).unsqueeze(0)                   # [1, Hkv, L, D]
+            v = v_cache.index_select(1, chunk.context_slots).unsqueeze(0)
             n, total = q.shape[2], k.shape[2]
             mask = chunk.mask
             if mask is None:

@@ -141,8 +141,10 @@ class BlockManager:
 
 
 class KVCache:
-    """Per-layer [num_blocks * block_size + scratch_slots, kv_heads, head_dim] key and value tensors.
+    """Per-layer [kv_heads, num_blocks * block_size + scratch_slots, head_dim] key and value tensors.
 
+    Heads first: gathering a batch's context slots gives [kv_heads, slots, head_dim], which the attention's
+    batched matmuls read as it is (one batch of products per head), with no copy into another layout.
     The scratch slots past the blocks hold the keys/values of a step's speculative tree rows (several guesses at
     the same position); the accepted ones are copied to their sequence's blocks afterwards."""
 
@@ -151,7 +153,7 @@ class KVCache:
         self.scratch_base = num_blocks * block_size
         self.scratch_slots = scratch_slots
         slots = self.scratch_base + scratch_slots
-        self.k = [torch.zeros(slots, shape.num_kv_heads, shape.head_dim, dtype=shape.dtype, device=device)
+        self.k = [torch.zeros(shape.num_kv_heads, slots, shape.head_dim, dtype=shape.dtype, device=device)
                   for _ in range(shape.num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
 
@@ -161,4 +163,4 @@ class KVCache:
 
     def copy_slots(self, source: torch.Tensor, target: torch.Tensor) -> None:
         for cache in (*self.k, *self.v):
-            cache.index_copy_(0, target, cache.index_select(0, source))
+            cache.index_copy_(1, target, cache.index_select(1, source))

@@ -1,17 +1,21 @@
 """y = x W^T + b with the fastest kernel this device has for the step's shape.
 
-On CPUs, fp32 weights are repacked once into oneDNN's blocked layout: at the 1-64 rows of a decode step it runs
-about twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes). Optionally
-a bf16 copy serves steps of at most `SMALL_STEP` rows, where a step is bound by reading the weights: half the bytes,
-about half the time; bf16 is never used for larger steps, whose matrix products are far slower in bf16 on CPUs
-without native bf16 instructions.
+On CPUs, fp32 weights are repacked once into oneDNN's blocked layout: at the rows of a prefill it runs about
+twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes). Optionally a bf16
+copy serves steps of at most `SMALL_STEP` rows (decode steps): such a step is bound by reading the weights, and
+bf16 halves the bytes. On AVX2 CPUs our own kernel (cpu_kernels.cpp) widens the bf16 weights to fp32 in registers
+and accumulates in fp32 with fp32 activations; elsewhere torch's bf16 matmul serves them (1-2 rows). bf16 is never
+used for larger steps, whose matrix products are far slower in bf16 on CPUs without native bf16 instructions.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-SMALL_STEP = 2
+from engine_service import cpu_kernels
+
+SMALL_STEP = 16        # rows served by the bf16 copy with our kernel
+SMALL_STEP_TORCH = 2   # rows served by the bf16 copy with torch's bf16 matmul (no kernel)
 
 
 def onednn_available(weight: torch.Tensor) -> bool:
@@ -27,11 +31,17 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             self.weight = None  # the packed copy replaces it
         self.small = None
+        self.kernels = None
+        self.small_rows = 0
         if small_step_bf16 and weight.dtype == torch.float32:
-            self.small = (weight.to(torch.bfloat16), None if bias is None else bias.to(torch.bfloat16))
+            self.small = (weight.to(torch.bfloat16).contiguous(), None if bias is None else bias.to(torch.bfloat16))
+            self.kernels = cpu_kernels.load() if weight.device.type == "cpu" else None
+            self.small_rows = SMALL_STEP if self.kernels is not None else SMALL_STEP_TORCH
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small is not None and x.shape[0] <= SMALL_STEP:
+        if self.small is not None and x.shape[0] <= self.small_rows:
+            if self.kernels is not None:
+                return self.kernels.linear_bf16(x, self.small[0], self.bias)
             return F.linear(x.to(torch.bfloat16), *self.small).to(x.dtype)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -97,10 +97,11 @@ class FastLlama:
         for index, w in enumerate(self.layers[:num_layers]):
             h = self._rms_norm(x, w.input_norm)
             qkv = w.qkv(h)
-            q = qkv[:, :q_size].view(tokens, self.num_heads, self.head_dim)
-            k = qkv[:, q_size: q_size + kv_size].view(tokens, self.num_kv_heads, self.head_dim)
+            # q and k are adjacent in the fused projection: one rotation for both heads' worth of columns.
+            qk = self._rotate(qkv[:, : q_size + kv_size].view(tokens, self.num_heads + self.num_kv_heads,
+                                                               self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
             v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             attn = paged_attention_core(index, self.groups, q, k, v, self.scaling)
             x = x + w.o(attn.reshape(tokens, q_size))
             h = self._rms_norm(x, w.post_norm)

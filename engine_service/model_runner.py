@@ -150,7 +150,7 @@ class ModelRunner:
             valid = span < lengths.unsqueeze(1)
             decode_slots = self._slots(table[: len(decodes)], span.clamp(max=max_len - 1) * valid)
             if not bool(valid.all()):
-                decode_mask = valid.view(len(decodes), 1, 1, max_len).to(device)
+                decode_mask = valid.view(1, len(decodes), 1, max_len).to(device)
             decode_slots = decode_slots.to(device)
             for c, slot in zip(decodes, slot_parts[0].tolist()):
                 c.slots = [slot]

@@ -77,8 +77,9 @@ def test_text_arrives_token_by_token(smollm2_gateway):
 
 
 def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smollm2_model, tokenizer):
-    """The default CPU configuration decodes lone sequences with bf16 weights: one request at a time, every
-    decode step takes that path; outputs may leave transformers' (fp32) only at a near-tie."""
+    """The default CPU configuration decodes steps of up to 16 sequences with bf16 weights (fp32 activations and
+    accumulation on AVX2): 8 requests at once, every decode step takes that path; outputs may leave
+    transformers' (fp32) only at a near-tie."""
     import threading
 
     import torch
@@ -89,20 +90,26 @@ def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smoll
 
     runner = ModelRunner(str(smollm2_dir), "smollm2", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 28,
                          block_size=16, max_model_len=0, small_step_bf16=True)
+    assert runner.fast.layers[0].qkv.small is not None
     engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=2048, max_waiting=64)
     engine.start()
     try:
-        for index, prompt in enumerate(ALL_PROMPTS[:8]):
-            ids = prompt_ids(tokenizer, prompt)
-            done, tokens = threading.Event(), []
+        prompts = [prompt_ids(tokenizer, prompt) for prompt in ALL_PROMPTS[:8]]
+        done = threading.Semaphore(0)
+        outputs: list[list[int]] = [[] for _ in prompts]
 
+        def collect(index: int):
             def on_output(token_ids, reason, logprobs):
-                tokens.extend(token_ids)
+                outputs[index].extend(token_ids)
                 if reason:
-                    done.set()
+                    done.release()
+            return on_output
 
-            engine.add_request(f"bf16-{index}", ids, SamplingParams(max_tokens=MAX_TOKENS), on_output)
-            assert done.wait(120)
+        for index, ids in enumerate(prompts):
+            engine.add_request(f"bf16-{index}", ids, SamplingParams(max_tokens=MAX_TOKENS), collect(index))
+        for _ in prompts:
+            assert done.acquire(timeout=300)
+        for ids, tokens in zip(prompts, outputs):
             check_greedy_close(smollm2_model, ids, tokens, reference_greedy(smollm2_model, ids, MAX_TOKENS),
                                tolerance=0.5)
     finally:
