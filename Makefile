@@ -25,11 +25,18 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 
 protos: $(STUBS)
 
-run: $(STUBS)
+# Our AVX2 kernels (engine_service/cpu_kernels.cpp), compiled once here rather than at an engine's first start;
+# skipped without a C++ compiler or AVX2 (the engine then uses torch's kernels).
+KERNELS := $(VENV)/.kernels
+$(KERNELS): engine_service/cpu_kernels.cpp $(VENV)/.installed
+	$(PY) -c "from engine_service import cpu_kernels; print('cpu kernels:', cpu_kernels.load() is not None)"
+	touch $@
+
+run: $(STUBS) $(KERNELS)
 	MODEL=$(MODEL) DEVICE=$(DEVICE) $(PY) -m common.stack
 
 # Models are read from local folders only: nothing is fetched from a hub during tests.
-test: $(STUBS)
+test: $(STUBS) $(KERNELS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STUBS)
@@ -45,7 +52,7 @@ deploy-check: $(VENV)/.installed
 # 2 cores) in its own environment, .bench-venv. Without it the llama.cpp ratio is reported as null.
 BENCH_VENV ?= .bench-venv
 
-bench: $(STUBS)
+bench: $(STUBS) $(KERNELS)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	HF_HUB_OFFLINE=1 $(PY) -m bench
 
