@@ -62,7 +62,7 @@ class Engine:
         self._live: dict[str, Sequence] = {}      # owned by the loop thread
         self._pending = 0                         # requests posted but not yet taken by the loop
         self._pending_lock = threading.Lock()
-        self._reported = (0, 0, 0)           # counters already exported to Prometheus
+        self._reported = (0, 0, 0, 0, 0)     # counters already exported to Prometheus
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
 
@@ -288,7 +288,8 @@ class Engine:
             if group.started:
                 return    # the leader recomputed its prompt after a preemption: the beams already exist
             group.started = True
-        step = group.search.step(self.sampler.process(logits, seqs).log_softmax(dim=-1))
+        # As generate: the processors (penalties, bias) act on the log-probabilities.
+        step = group.search.step(self.sampler.process(logits.float().log_softmax(dim=-1), seqs))
         blocks = self.scheduler.blocks
         parents = group.beams or [leader]
         if step.done:
@@ -368,9 +369,10 @@ class Engine:
         metrics.REQUESTS_WAITING.set(stats.waiting)
         metrics.KV_CACHE_USAGE.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
         counters = (self.scheduler.num_preemptions, self.scheduler.prefix_queried_tokens,
-                    self.scheduler.prefix_hit_tokens)
-        for counter, now, before in zip((metrics.PREEMPTIONS, metrics.PREFIX_CACHE_QUERIES, metrics.PREFIX_CACHE_HITS),
-                                        counters, self._reported):
+                    self.scheduler.prefix_hit_tokens, self.spec_draft_tokens, self.spec_accepted_tokens)
+        exported = (metrics.PREEMPTIONS, metrics.PREFIX_CACHE_QUERIES, metrics.PREFIX_CACHE_HITS,
+                    metrics.SPEC_DRAFT_TOKENS, metrics.SPEC_ACCEPTED_TOKENS)
+        for counter, now, before in zip(exported, counters, self._reported):
             if now > before:
                 counter.inc(now - before)
         self._reported = counters

@@ -14,3 +14,7 @@ PREFIX_CACHE_QUERIES = Counter("splitserve_engine_prefix_cache_queries", "Prompt
 PREFIX_CACHE_HITS = Counter("splitserve_engine_prefix_cache_hits", "Prompt tokens found in the prefix cache")
 REQUESTS_FINISHED = Counter("splitserve_engine_requests_finished", "Sequences that left the engine", ["finish_reason"])
 PREEMPTIONS = Counter("splitserve_engine_preemptions", "Sequences preempted because the KV cache was full")
+SPEC_DRAFT_TOKENS = Counter("splitserve_engine_spec_draft_tokens",
+                            "Guessed tokens verified by speculative and lookahead steps")
+SPEC_ACCEPTED_TOKENS = Counter("splitserve_engine_spec_accepted_tokens",
+                               "Tokens beyond the first that speculative and lookahead steps produced")

@@ -268,6 +268,8 @@ def make_strategy(params: SamplingParams, context: int, draft_layers: int, eos_t
                              f"got {params.top_k}")
         return Contrastive(params.penalty_alpha, params.top_k)
     if params.speculative == "lookahead":
+        if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+            raise ValueError("lookahead decoding does not take repetition, presence or frequency penalties")
         return LookaheadStrategy(params.lookahead_window, params.lookahead_ngram, params.num_speculative_tokens,
                                  context)
     if params.speculative in ("prompt_lookup", "draft"):

@@ -3,6 +3,7 @@ early-exit draft), lookahead decoding and contrastive search, checked against tr
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -127,7 +128,7 @@ def test_speculative_sampling_keeps_the_target_distribution(with_draft_model):
 
 
 @pytest.mark.parametrize("num_beams,options", [(2, {}), (4, {}), (4, {"length_penalty": 0.5, "early_stopping": True}),
-                                               (3, {"length_penalty": 2.0})])
+                                               (3, {"length_penalty": 2.0}), (2, {"repetition_penalty": 1.3})])
 def test_beam_search_equals_generate(engine, tiny_model, twenty_prompts, num_beams, options):
     """Beams of all the prompts share the batch; each equals generate(num_beams=k, do_sample=False)."""
     prompts = twenty_prompts[:8]
@@ -135,3 +136,28 @@ def test_beam_search_equals_generate(engine, tiny_model, twenty_prompts, num_bea
     assert got == [reference_greedy(tiny_model, ids, MAX_TOKENS, num_beams=num_beams, **options) for ids in prompts]
     assert got != [reference_greedy(tiny_model, ids, MAX_TOKENS) for ids in prompts]   # it is not greedy
     assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("params", [{"speculative": "prompt_lookup"}, {"speculative": "lookahead"},
+                                    {"penalty_alpha": 0.6, "top_k": 4}], ids=["prompt-lookup", "lookahead",
+                                                                              "contrastive"])
+def test_strategies_stream_one_logprob_per_token(engine, twenty_prompts, params):
+    got: list = []
+    reasons: list = []
+
+    def on_output(token_ids, reason, logprobs):
+        got.append((token_ids, logprobs))
+        if reason:
+            reasons.append(reason)
+
+    engine.add_request("lp", twenty_prompts[5], SamplingParams(max_tokens=MAX_TOKENS, logprobs=3, **params), on_output)
+    start = time.monotonic()
+    while not reasons and time.monotonic() - start < 120:
+        time.sleep(0.05)
+    assert reasons == ["length"]
+    for token_ids, logprobs in got:
+        assert [lp.token_id for lp in logprobs] == token_ids
+        for lp in logprobs:
+            assert lp.logprob <= 0 and len(lp.top) == 3
+            if "penalty_alpha" not in params:   # greedy guesses: the chosen token is the most likely one
+                assert lp.top[0][0] == lp.token_id
