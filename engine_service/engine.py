@@ -184,7 +184,6 @@ class Engine:
         if plain:
             rows = logits if len(plain) == len(sampling) else logits[plain]
             sampled = self.sampler(rows, [sampling[i].seq for i in plain])
-        last_logits = {id(c): logits[i] for i, c in enumerate(sampling)}
         beam_rows: dict[int, tuple[BeamGroup, list[int]]] = {}
         for i, c in enumerate(sampling):
             if isinstance(c.seq.strategy, BeamGroup):
@@ -195,7 +194,8 @@ class Engine:
                 continue
             strategy = c.seq.strategy
             if strategy is not None and strategy.wants_hidden:
-                strategy.after_prefill(c.seq, last_logits.get(id(c)), c.hidden, c.start)
+                row = next((i for i, s in enumerate(sampling) if s is c), None)   # the prompt's last chunk
+                strategy.after_prefill(c.seq, None if row is None else logits[row], c.hidden, c.start)
             c.seq.num_computed = c.end
             self.scheduler.blocks.register_full_blocks(c.seq)
         now = time.perf_counter()
@@ -327,8 +327,9 @@ class Engine:
         result = strategy.accept(seq, c.tree, c.logits, c.hidden, self.sampler)
         if not in_place(c.tree):
             self.runner.commit([c.slots[row] for row in result.kv_rows], seq.block_table, c.start)
-        self.spec_draft_tokens += len(c.tree.tokens) - 1
-        self.spec_accepted_tokens += len(result.tokens) - 1
+        if result.drafted:
+            self.spec_draft_tokens += result.drafted
+            self.spec_accepted_tokens += len(result.tokens) - 1
         for token, logprobs in zip(result.tokens, result.logprobs):
             self._append_token(seq, token, now, logprobs)
             if seq.is_finished:

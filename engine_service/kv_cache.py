@@ -59,10 +59,7 @@ class BlockManager:
         if needed > self.num_free:
             raise MemoryError("KV cache exhausted")
         for _ in range(needed):
-            block, _ = self.free_blocks.popitem(last=False)
-            self._forget(block)
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self._take_free())
 
     def match_prefix(self, seq: Sequence) -> int:
         """Gives a sequence with no blocks the cached blocks of its longest cached prefix (always leaving at
@@ -116,9 +113,7 @@ class BlockManager:
         child.num_computed = parent.num_computed
         if not partial:
             return None
-        block, _ = self.free_blocks.popitem(last=False)
-        self._forget(block)
-        self.ref_counts[block] = 1
+        block = self._take_free()
         child.block_table.append(block)
         return parent.block_table[full], block
 
@@ -131,6 +126,13 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed = 0
+
+    def _take_free(self) -> int:
+        """The least recently freed block, its cached prefix forgotten, held once."""
+        block, _ = self.free_blocks.popitem(last=False)
+        self._forget(block)
+        self.ref_counts[block] = 1
+        return block
 
     def _forget(self, block: int) -> None:
         key = self.block_hash[block]

@@ -132,6 +132,18 @@ def _on_rows(x: torch.Tensor, rows: list[int], fn: Callable[[torch.Tensor, list[
     return x.index_copy(0, index, fn(x.index_select(0, index), rows))
 
 
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: list[int]) -> list[TokenLogprobs]:
+    """Each row's token under the raw distribution (vLLM v1's default: what the model thought, not what the
+    processors left), with that row's top_n most likely alternatives. logits: [len(tokens), vocab] unprocessed."""
+    raw = logits.float().log_softmax(dim=-1)
+    chosen = raw.gather(1, torch.tensor(tokens, device=raw.device).unsqueeze(1)).squeeze(1).tolist()
+    depth = max(top_n)
+    top = raw.topk(depth, dim=-1) if depth else None
+    top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    return [TokenLogprobs(token, value, tuple(zip(top_ids[j][:n], top_values[j][:n])) if n else ())
+            for j, (token, value, n) in enumerate(zip(tokens, chosen, top_n))]
+
+
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -213,20 +225,12 @@ class Sampler:
                 index = _index(sampled, logits.device)
                 drawn = self._race(processed.index_select(0, index).softmax(dim=-1), [seqs[i] for i in sampled])
                 tokens = tokens.index_copy(0, index, drawn)
+        token_list = tokens.tolist()
         want = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
-        if not want:
-            return SampleOutput(tokens.tolist(), logprobs)
-        # Under the raw distribution (vLLM v1's default): what the model thought, not what the processors left.
-        index = _index(want, logits.device)
-        raw = logits.index_select(0, index).float().log_softmax(dim=-1)
-        chosen = raw.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
-        depth = max(seqs[i].params.logprobs for i in want)
-        top = raw.topk(depth, dim=-1) if depth else None
-        token_list, chosen_list = tokens.tolist(), chosen.tolist()
-        top_ids, top_values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
-        for j, i in enumerate(want):
-            n = seqs[i].params.logprobs
-            pairs = tuple(zip(top_ids[j][:n], top_values[j][:n])) if n else ()
-            logprobs[i] = TokenLogprobs(token_list[i], chosen_list[j], pairs)
+        if want:
+            rows = logits.index_select(0, _index(want, logits.device))
+            found = token_logprobs(rows, [token_list[i] for i in want], [seqs[i].params.logprobs for i in want])
+            for i, entry in zip(want, found):
+                logprobs[i] = entry
         return SampleOutput(token_list, logprobs)

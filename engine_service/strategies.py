@@ -15,7 +15,7 @@ import torch
 from engine_service.beam_search import BeamSearch
 from engine_service.drafting import Accepted, DraftTree, Lookahead, accept_greedy, chain, prompt_lookup
 from engine_service.kv_cache import BlockManager
-from engine_service.sampler import Sampler
+from engine_service.sampler import Sampler, token_logprobs
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence, TokenLogprobs
 
@@ -31,18 +31,14 @@ class StepResult:
     tokens: list[int]                    # new tokens, in order
     kv_rows: list[int]                   # rows whose keys/values are positions start, start + 1, ... of the sequence
     logprobs: list[TokenLogprobs | None]  # one per token when the request asked for them
+    drafted: int = 0                     # guesses this step verified (speculative, lookahead), for the metrics
 
 
-def token_logprobs(raw: torch.Tensor, tokens: list[int], top_n: int | None) -> list[TokenLogprobs | None]:
+def _logprobs(seq: Sequence, raw: torch.Tensor, tokens: list[int]) -> list[TokenLogprobs | None]:
     """raw: [len(tokens), vocab] unprocessed logits of the rows that produced each token."""
-    if top_n is None:
+    if seq.params.logprobs is None:
         return [None] * len(tokens)
-    rows = raw.float().log_softmax(dim=-1)
-    chosen = rows.gather(1, torch.tensor(tokens, device=rows.device).unsqueeze(1))[:, 0].tolist()
-    top = rows.topk(top_n) if top_n else None
-    return [TokenLogprobs(token, value, () if top is None else tuple(zip(top.indices[i].tolist(),
-                                                                      top.values[i].tolist())))
-            for i, (token, value) in enumerate(zip(tokens, chosen))]
+    return list(token_logprobs(raw, tokens, [seq.params.logprobs] * len(tokens)))
 
 
 class Strategy:
@@ -62,7 +58,8 @@ class Strategy:
         raise NotImplementedError
 
     def after_prefill(self, seq: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None, start: int) -> None:
-        """Sees every prefill chunk (consumes_prefill or wants_hidden); logits only on the last."""
+        """Sees every prefill chunk when wants_hidden (its hidden states); logits only on the chunk that ends
+        the prompt."""
 
 
 def _room(seq: Sequence, context: int) -> int:
@@ -85,8 +82,6 @@ class Speculative(Strategy):
         self.context = context
         self.drafts: list[int] = []                  # the draft model's guesses for this step
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), vocab]: q of each guess (sampled requests)
-        self.proposed = 0                            # guesses verified / accepted, for the acceptance rate
-        self.accepted = 0
 
     def span(self, seq: Sequence) -> int:
         decoding = bool(seq.output_ids) and seq.num_computed == seq.num_tokens - 1
@@ -115,9 +110,7 @@ class Speculative(Strategy):
         else:
             tokens = self._accept_sampled(seq, drafts, processed.softmax(dim=-1), sampler)
             kv_rows = list(range(len(tokens)))
-        self.proposed += len(drafts)
-        self.accepted += len(tokens) - 1
-        return StepResult(tokens, kv_rows, token_logprobs(logits[: len(tokens)], tokens, seq.params.logprobs))
+        return StepResult(tokens, kv_rows, _logprobs(seq, logits[: len(tokens)], tokens), drafted=len(drafts))
 
     def _accept_sampled(self, seq: Sequence, drafts: list[int], probs: torch.Tensor, sampler: Sampler) -> list[int]:
         tokens: list[int] = []
@@ -149,8 +142,6 @@ class LookaheadStrategy(Strategy):
         self.ngram = ngram or DEFAULT_LOOKAHEAD_NGRAM
         self.lookahead = Lookahead(self.window, self.ngram, num_verify or DEFAULT_SPECULATIVE_TOKENS)
         self.context = context
-        self.proposed = 0
-        self.accepted = 0
 
     def span(self, seq: Sequence) -> int:
         decoding = bool(seq.output_ids) and seq.num_computed == seq.num_tokens - 1
@@ -168,10 +159,8 @@ class LookaheadStrategy(Strategy):
                sampler: Sampler) -> StepResult:
         processed = sampler.process(logits, [seq] * len(tree.tokens))
         result: Accepted = self.lookahead.accept(tree, processed.argmax(dim=-1).tolist())
-        self.accepted += len(result.tokens) - 1
-        self.proposed += 1
-        return StepResult(result.tokens, result.kv_rows,
-                          token_logprobs(logits[result.kv_rows], result.tokens, seq.params.logprobs))
+        return StepResult(result.tokens, result.kv_rows, _logprobs(seq, logits[result.kv_rows], result.tokens),
+                          drafted=len(tree.tokens) - 1)
 
 
 class Contrastive(Strategy):
@@ -218,7 +207,7 @@ class Contrastive(Strategy):
         assert hidden is not None and self.candidate_probs is not None and self.next_logits is not None
         chosen = contrastive_choice(self.candidate_probs, hidden.float(), torch.cat(self.hidden), self.alpha)
         token = tree.tokens[chosen]
-        logprobs = token_logprobs(self.next_logits.unsqueeze(0), [token], seq.params.logprobs)
+        logprobs = _logprobs(seq, self.next_logits.unsqueeze(0), [token])
         self.hidden.append(hidden[chosen: chosen + 1].float())
         self.next_logits = logits[chosen]
         return StepResult([token], [chosen], logprobs)
