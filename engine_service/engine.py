@@ -18,7 +18,7 @@ from engine_service import metrics
 from engine_service.model_runner import ModelRunner, in_place
 from engine_service.drafting import chain
 from engine_service.sampler import Sampler
-from engine_service.strategies import BeamGroup, make_strategy
+from engine_service.strategies import BeamGroup, Speculative, make_strategy
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceStatus, TokenLogprobs
@@ -231,7 +231,7 @@ class Engine:
                     self.scheduler.blocks.allocate(beam, beam.num_computed + 1)
                     planned.append(ScheduledChunk(beam, beam.num_computed, beam.num_computed + 1))
                 continue
-            if getattr(strategy, "mode", "") == "draft":
+            if isinstance(strategy, Speculative) and strategy.mode == "draft":
                 drafting.append(c)
                 planned.append(c)
                 continue

@@ -62,6 +62,11 @@ class Strategy:
         the prompt."""
 
 
+def _decoding(seq: Sequence) -> bool:
+    """Past the prompt, with every token but the last in the KV cache: the next step may guess."""
+    return bool(seq.output_ids) and seq.num_computed == seq.num_tokens - 1
+
+
 def _room(seq: Sequence, context: int) -> int:
     """New tokens the sequence may still produce (its max_tokens and the model's context)."""
     return max(0, min(seq.params.max_tokens - len(seq.output_ids), context - seq.num_tokens))
@@ -84,8 +89,7 @@ class Speculative(Strategy):
         self.draft_probs: torch.Tensor | None = None  # [len(drafts), vocab]: q of each guess (sampled requests)
 
     def span(self, seq: Sequence) -> int:
-        decoding = bool(seq.output_ids) and seq.num_computed == seq.num_tokens - 1
-        return 1 + self.num_tokens if decoding else 0
+        return 1 + self.num_tokens if _decoding(seq) else 0
 
     def max_drafts(self, seq: Sequence) -> int:
         # The last accepted row also yields a bonus token, so k guesses can give k + 1 tokens.
@@ -144,8 +148,7 @@ class LookaheadStrategy(Strategy):
         self.context = context
 
     def span(self, seq: Sequence) -> int:
-        decoding = bool(seq.output_ids) and seq.num_computed == seq.num_tokens - 1
-        return 1 + self.window + self.ngram if decoding else 0
+        return 1 + self.window + self.ngram if _decoding(seq) else 0
 
     def plan(self, seq: Sequence, sampler: Sampler) -> DraftTree | None:
         if _room(seq, self.context) < 2:
