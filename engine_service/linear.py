@@ -31,6 +31,7 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             self.weight = None  # the packed copy replaces it
         self.small = None
+        self.blocks = None
         self.kernels = None
         self.small_rows = 0
         if small_step_bf16 and weight.dtype == torch.float32:
@@ -38,7 +39,15 @@ class Linear:
             self.kernels = cpu_kernels.load() if weight.device.type == "cpu" else None
             self.small_rows = SMALL_STEP if self.kernels is not None else SMALL_STEP_TORCH
 
+    def use_blocks(self, kernel, blocks: torch.Tensor, in_features: int) -> None:
+        """Small steps read the weights in a GGUF block format (same values as the fp32 weights) with kernel."""
+        self.blocks = (kernel, blocks, in_features)
+        self.small = None   # the blocks replace the bf16 copy
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None and x.shape[0] <= SMALL_STEP:
+            kernel, blocks, in_features = self.blocks
+            return kernel(x, blocks, in_features, self.bias)
         if self.small is not None and x.shape[0] <= self.small_rows:
             if self.kernels is not None:
                 return self.kernels.linear_bf16(x, self.small[0], self.bias)
