@@ -16,6 +16,7 @@ from engine_service import cpu_kernels
 
 SMALL_STEP = 16        # rows served by the bf16 copy with our kernel
 SMALL_STEP_TORCH = 2   # rows served by the bf16 copy with torch's bf16 matmul (no kernel)
+BLOCKS_STEP = 2        # rows served from GGUF blocks (compute-bound beyond: the bf16 copy is faster from 3 rows)
 
 
 def onednn_available(weight: torch.Tensor) -> bool:
@@ -42,10 +43,9 @@ class Linear:
     def use_blocks(self, kernel, blocks: torch.Tensor, in_features: int) -> None:
         """Small steps read the weights in a GGUF block format (same values as the fp32 weights) with kernel."""
         self.blocks = (kernel, blocks, in_features)
-        self.small = None   # the blocks replace the bf16 copy
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is not None and x.shape[0] <= SMALL_STEP:
+        if self.blocks is not None and x.shape[0] <= BLOCKS_STEP:
             kernel, blocks, in_features = self.blocks
             return kernel(x, blocks, in_features, self.bias)
         if self.small is not None and x.shape[0] <= self.small_rows:
