@@ -56,6 +56,7 @@ def model_display_name(model: str) -> str:
 def _converted_gguf(gguf: Path) -> Path:
     target = cache_root() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        _mark_source(gguf, target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several processes (tokenizer, engine, tests) may start at once: one converts, the others wait.
@@ -64,7 +65,15 @@ def _converted_gguf(gguf: Path) -> Path:
         if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
             return target
         _convert(gguf, target)
+        _mark_source(gguf, target)
     return target
+
+
+def _mark_source(gguf: Path, target: Path) -> None:
+    """Records which GGUF file the folder holds, so that the engine can read its blocks (gguf_weights.py)."""
+    marker = target / "gguf_source.txt"
+    if not marker.exists() or marker.read_text().strip() != str(gguf.resolve()):
+        marker.write_text(str(gguf.resolve()) + "\n")
 
 
 def _convert(gguf: Path, target: Path) -> None:

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -106,6 +107,112 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
   return y;
 }
 
+// GGUF's own block formats, read as they are stored: Q4_1 blocks of 32 weights {fp16 d, fp16 m, 16 bytes of
+// nibbles: low nibble of byte j is weight j, high nibble weight j + 16}, w = d * q + m; Q8_0 blocks {fp16 d,
+// 32 int8}, w = d * q. The weights are the model's (the fp32 model is their dequantisation): fewer bytes, same values.
+namespace {
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+  return _cvtsh_ss(h);
+}
+
+// Rows m0..m0+MB of x against weight rows n0..n0+NB, accumulators in registers (a chain through memory made
+// every block wait for the previous one's store); xsum[m * blocks + b] = sum of x[m] over block b (Q4_1's offset).
+template <bool Q4, int MB, int NB>
+inline void quant_block(const float* x, const uint8_t* w, int64_t row_bytes, const float* xsum, float* y,
+                        const float* bias, int64_t m0, int64_t n0, int64_t K, int64_t N) {
+  const int64_t blocks = K / 32;
+  const int64_t block_bytes = Q4 ? 20 : 34;
+  __m256 acc[MB][NB];
+  float offset[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) {
+      acc[m][j] = _mm256_setzero_ps();
+      offset[m][j] = 0.0f;
+    }
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int j = 0; j < NB; ++j) {
+      const uint8_t* block = w + (n0 + j) * row_bytes + b * block_bytes;
+      const __m256 d = _mm256_set1_ps(half_to_float(block));
+      __m256 q[4];
+      if (Q4) {
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
+        const __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
+        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
+        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
+        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
+      } else {
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 18));
+        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+      }
+      const float block_min = Q4 ? half_to_float(block + 2) : 0.0f;
+      for (int m = 0; m < MB; ++m) {
+        const float* xb = x + (m0 + m) * K + b * 32;
+        __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xb), q[0]);
+        t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), q[1], t);
+        t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), q[2], t);
+        t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), q[3], t);
+        acc[m][j] = _mm256_fmadd_ps(d, t, acc[m][j]);
+        if (Q4) offset[m][j] += block_min * xsum[(m0 + m) * blocks + b];
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j)
+      y[(m0 + m) * N + n0 + j] = sum8(acc[m][j]) + offset[m][j] + (bias ? bias[n0 + j] : 0.0f);
+}
+
+template <bool Q4, int NB>
+inline void quant_rows(const float* x, const uint8_t* w, int64_t row_bytes, const float* xsum, float* y,
+                       const float* bias, int64_t M, int64_t n0, int64_t K, int64_t N) {
+  int64_t m0 = 0;
+  for (; m0 + 2 <= M; m0 += 2) quant_block<Q4, 2, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N);
+  if (m0 < M) quant_block<Q4, 1, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N);
+}
+
+template <bool Q4>
+torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K, "x must be [M, K] float32");
+  TORCH_CHECK(K % 32 == 0, "the input size must be a multiple of 32");
+  const int64_t block_bytes = Q4 ? 20 : 34, blocks = K / 32;
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.size(1) == blocks * block_bytes,
+              "weight must be [N, K / 32 * block bytes] uint8");
+  x = x.contiguous();
+  weight = weight.contiguous();
+  const int64_t M = x.size(0), N = weight.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  auto xsum = x.view({M, blocks, 32}).sum(-1).contiguous();
+  const float* xp = x.data_ptr<float>();
+  const float* sp = xsum.data_ptr<float>();
+  const uint8_t* wp = weight.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  torch::Tensor b;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    bp = b.data_ptr<float>();
+  }
+  const int64_t row_bytes = blocks * block_bytes;
+  const int64_t groups = N / 4;
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) quant_rows<Q4, 4>(xp, wp, row_bytes, sp, yp, bp, M, 4 * g, K, N);
+  });
+  for (int64_t n = groups * 4; n < N; ++n) quant_rows<Q4, 1>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
+  return y;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "y = x W^T + b, fp32 x, bf16 W, fp32 accumulation (AVX2)");
+  m.def("linear_q4_1", &linear_quant<true>, "y = x W^T + b, W in GGUF Q4_1 blocks, fp32 x and accumulation");
+  m.def("linear_q8_0", &linear_quant<false>, "y = x W^T + b, W in GGUF Q8_0 blocks, fp32 x and accumulation");
 }

@@ -26,7 +26,7 @@ def load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as build
         _loaded = build(name="splitserve_cpu_kernels", sources=[str(_SOURCE)],
-                        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"], extra_ldflags=["-fopenmp"],
                         verbose=False)
     except Exception as exc:  # a missing compiler or headers: the engine runs without them
         log.warning("CPU kernels unavailable (%s); using torch's", exc)

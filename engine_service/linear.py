@@ -16,6 +16,7 @@ from engine_service import cpu_kernels
 
 SMALL_STEP = 16        # rows served by the bf16 copy with our kernel
 SMALL_STEP_TORCH = 2   # rows served by the bf16 copy with torch's bf16 matmul (no kernel)
+BLOCKS_STEP = 2        # rows served from GGUF blocks (compute-bound beyond: the bf16 copy is faster from 3 rows)
 
 
 def onednn_available(weight: torch.Tensor) -> bool:
@@ -31,6 +32,7 @@ class Linear:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             self.weight = None  # the packed copy replaces it
         self.small = None
+        self.blocks = None
         self.kernels = None
         self.small_rows = 0
         if small_step_bf16 and weight.dtype == torch.float32:
@@ -38,7 +40,14 @@ class Linear:
             self.kernels = cpu_kernels.load() if weight.device.type == "cpu" else None
             self.small_rows = SMALL_STEP if self.kernels is not None else SMALL_STEP_TORCH
 
+    def use_blocks(self, kernel, blocks: torch.Tensor, in_features: int) -> None:
+        """Small steps read the weights in a GGUF block format (same values as the fp32 weights) with kernel."""
+        self.blocks = (kernel, blocks, in_features)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None and x.shape[0] <= BLOCKS_STEP:
+            kernel, blocks, in_features = self.blocks
+            return kernel(x, blocks, in_features, self.bias)
         if self.small is not None and x.shape[0] <= self.small_rows:
             if self.kernels is not None:
                 return self.kernels.linear_bf16(x, self.small[0], self.bias)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine_service import gguf_weights
 from engine_service.attention import paged_attention_core
 from engine_service.linear import Linear
 
@@ -40,7 +41,10 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 class FastLlama:
-    def __init__(self, model: torch.nn.Module, small_step_bf16: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, small_step_bf16: bool = False,
+                 gguf: gguf_weights.GGUFBlocks | None = None) -> None:
+        """small_step_bf16: decode steps read compact weights (the GGUF's own blocks where the model came from
+        one, else a bf16 copy); gguf: that file's blocks."""
         config = model.config
         self.hf_model = model
         self.num_heads = config.num_attention_heads
@@ -52,20 +56,29 @@ class FastLlama:
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
         self.lm_head = Linear(model.lm_head.weight, small_step_bf16=small_step_bf16)
+        kernels = self.lm_head.kernels
+        gguf_weights.give_blocks(self.lm_head, gguf, kernels, gguf_weights.head_tensor_names(gguf),
+                                 model.lm_head.weight)
         self.rotary = model.model.rotary_emb
         self.layers: list[LayerWeights] = []
-        for layer in model.model.layers:
+        for index, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
-            self.layers.append(LayerWeights(
+            fused = {"qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                     "o": attn.o_proj.weight, "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                     "down": mlp.down_proj.weight}
+            weights = LayerWeights(
                 input_norm=layer.input_layernorm.weight,
-                qkv=Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                           torch.cat(biases) if biases[0] is not None else None, small_step_bf16),
-                o=Linear(attn.o_proj.weight, attn.o_proj.bias, small_step_bf16),
+                qkv=Linear(fused["qkv"], torch.cat(biases) if biases[0] is not None else None, small_step_bf16),
+                o=Linear(fused["o"], attn.o_proj.bias, small_step_bf16),
                 post_norm=layer.post_attention_layernorm.weight,
-                gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), None, small_step_bf16),
-                down=Linear(mlp.down_proj.weight, None, small_step_bf16),
-            ))
+                gate_up=Linear(fused["gate_up"], None, small_step_bf16),
+                down=Linear(fused["down"], None, small_step_bf16),
+            )
+            if small_step_bf16:
+                for name, names in gguf_weights.layer_tensor_names(index).items():
+                    gguf_weights.give_blocks(getattr(weights, name), gguf, kernels, names, fused[name])
+            self.layers.append(weights)
             # Our copies replace the originals: drop those so the weights are held once (the tied embedding stays).
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                            mlp.down_proj):

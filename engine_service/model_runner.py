@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.logs import kv
-from engine_service import attention, llama
+from engine_service import attention, gguf_weights, llama
 from engine_service.kv_cache import BlockManager, CacheShape, KVCache
 from engine_service.scheduler import ScheduledChunk
 
@@ -73,7 +73,11 @@ class ModelRunner:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME).to(device).eval()
         # Llama-family models get the hand-written forward pass; any other causal LM runs through transformers.
-        self.fast = (llama.FastLlama(self.model, small_step_bf16) if fast_path and llama.supports(self.model)
+        gguf = None
+        if small_step_bf16 and fast_path and device.type == "cpu" and dtype == torch.float32:
+            source = gguf_weights.source_of(model_path)
+            gguf = gguf_weights.GGUFBlocks(source) if source is not None else None
+        self.fast = (llama.FastLlama(self.model, small_step_bf16, gguf) if fast_path and llama.supports(self.model)
                      else None)
         text_config = self.model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads

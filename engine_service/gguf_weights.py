@@ -1,0 +1,84 @@
+"""Decode-step weights read from the GGUF file a model was converted from, in its own block formats.
+
+A model served from a GGUF file (SmolLM2 by default) *is* the dequantisation of that file's Q4_1 / Q8_0 blocks:
+the fp32 weights transformers builds are exactly d * q + m. A decode step is bound by reading the weights, and the
+blocks are 3-4x fewer bytes than bf16, so our kernel (cpu_kernels.cpp) reads them directly: the same weight values,
+not a lower precision. Each matrix is checked row by row against the loaded fp32 weights (bit for bit) before it
+is used; any mismatch (another conversion, a layout we do not know) leaves that matrix on the other paths.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.logs import kv
+
+log = logging.getLogger("splitserve.engine.gguf")
+KERNELS = {"Q4_1": "linear_q4_1", "Q8_0": "linear_q8_0"}
+SOURCE_FILE = "gguf_source.txt"   # written by common.models next to a converted GGUF model
+
+
+def source_of(model_path: str) -> Path | None:
+    marker = Path(model_path) / SOURCE_FILE
+    if not marker.exists():
+        return None
+    path = Path(marker.read_text().strip())
+    return path if path.exists() else None
+
+
+class GGUFBlocks:
+    """The quantized tensors of one GGUF file, by name."""
+
+    def __init__(self, path: Path) -> None:
+        from gguf import GGUFReader
+        self.tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+
+    def matching(self, names: list[str], weight: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """The blocks of the named tensors (stacked by rows) reordered so that they dequantize to exactly
+        `weight` ([N, K] fp32), as (kind, uint8 [N, row bytes]); None when they do not."""
+        from gguf import quants
+        tensors = [self.tensors.get(name) for name in names]
+        if any(t is None for t in tensors) or len({t.tensor_type.name for t in tensors}) != 1:
+            return None
+        kind = tensors[0].tensor_type.name
+        if kind not in KERNELS:
+            return None
+        blocks = np.concatenate([np.asarray(t.data) for t in tensors])
+        values = np.concatenate([quants.dequantize(np.asarray(t.data), t.tensor_type) for t in tensors])
+        target = weight.detach().float().cpu().numpy()
+        if values.shape != target.shape:
+            return None
+        # GGUF stores q/k rows permuted for its rotary layout: find each fp32 row among the dequantized ones.
+        index = {row.tobytes(): i for i, row in enumerate(values)}
+        order = [index.get(row.tobytes()) for row in target]
+        if any(i is None for i in order):
+            return None
+        return kind, torch.from_numpy(np.ascontiguousarray(blocks[order]))
+
+
+def give_blocks(linear, blocks: GGUFBlocks | None, kernels, names: list[str], weight: torch.Tensor) -> bool:
+    """Lets `linear` (y = x weight^T) read the named GGUF tensors' blocks when they are exactly `weight`."""
+    if blocks is None or kernels is None:
+        return False
+    found = blocks.matching(names, weight)
+    if found is None:
+        log.info("GGUF blocks do not match; this matrix keeps the other paths %s", kv(tensors=",".join(names)))
+        return False
+    kind, data = found
+    linear.use_blocks(getattr(kernels, KERNELS[kind]), data, weight.shape[1])
+    return True
+
+
+def layer_tensor_names(index: int) -> dict[str, list[str]]:
+    """GGUF tensor names (llama.cpp's) behind each fused matrix of FastLlama's layer `index`."""
+    return {"qkv": [f"blk.{index}.attn_q.weight", f"blk.{index}.attn_k.weight", f"blk.{index}.attn_v.weight"],
+            "o": [f"blk.{index}.attn_output.weight"],
+            "gate_up": [f"blk.{index}.ffn_gate.weight", f"blk.{index}.ffn_up.weight"],
+            "down": [f"blk.{index}.ffn_down.weight"]}
+
+
+def head_tensor_names(blocks: GGUFBlocks | None) -> list[str]:
+    return ["output.weight"] if blocks is not None and "output.weight" in blocks.tensors else ["token_embd.weight"]
