@@ -34,6 +34,7 @@ class StepContext:
     decode_slots: torch.Tensor | None    # [num_decode, max_len] cache slots of each decode's context (padded)
     decode_mask: torch.Tensor | None     # [1, num_decode, 1, max_len] True where attended; None if no padding
     prefills: list[PrefillChunk]
+    decode_lengths: torch.Tensor | None = None   # [num_decode] context length of each decode (the unpadded slots)
 
 
 _context: StepContext | None = None
@@ -42,6 +43,11 @@ _context: StepContext | None = None
 def set_step_context(context: StepContext | None) -> None:
     global _context
     _context = context
+
+
+def current_step() -> StepContext:
+    assert _context is not None, "a forward pass outside an engine step"
+    return _context
 
 
 def _decode_attention(groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -82,6 +84,16 @@ inline void rows(const float* x, const uint16_t* w, float* y, const float* bias,
 
 }  // namespace
 
+// y[M, N] = x[M, K] w[N, K]^T (+ bias), w in bf16.
+void linear_bf16_into(const float* xp, const uint16_t* wp, const float* bp, float* yp, int64_t M, int64_t K,
+                      int64_t N) {
+  const int64_t groups = N / NB_MAX;
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) rows<NB_MAX>(xp, wp, yp, bp, M, NB_MAX * g, K, N);
+  });
+  for (int64_t n = groups * NB_MAX; n < N; ++n) rows<1>(xp, wp, yp, bp, M, n, K, N);
+}
+
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16, "weight must be a 2-D bfloat16 tensor");
@@ -90,20 +102,14 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
   weight = weight.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
   torch::Tensor b;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
     b = bias->to(torch::kFloat32).contiguous();
     bp = b.data_ptr<float>();
   }
-  const int64_t groups = N / NB_MAX;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) rows<NB_MAX>(xp, wp, yp, bp, M, NB_MAX * g, K, N);
-  });
-  for (int64_t n = groups * NB_MAX; n < N; ++n) rows<1>(xp, wp, yp, bp, M, n, K, N);
+  linear_bf16_into(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), bp,
+                   y.data_ptr<float>(), M, K, N);
   return y;
 }
 
@@ -178,6 +184,26 @@ inline void quant_rows(const float* x, const uint8_t* w, int64_t row_bytes, cons
   if (m0 < M) quant_block<Q4, 1, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N);
 }
 
+// y[M, N] = x[M, K] W^T (+ bias), W in Q4_1 (Q4) or Q8_0 blocks, [N, K / 32 * block bytes].
+template <bool Q4>
+void linear_quant_into(const float* xp, const uint8_t* wp, const float* bp, float* yp, int64_t M, int64_t K,
+                       int64_t N) {
+  const int64_t blocks = K / 32, row_bytes = blocks * (Q4 ? 20 : 34);
+  std::vector<float> xsum(M * blocks, 0.0f);
+  if (Q4)
+    for (int64_t i = 0; i < M * blocks; ++i) {
+      float total = 0.0f;
+      for (int k = 0; k < 32; ++k) total += xp[i * 32 + k];
+      xsum[i] = total;
+    }
+  const float* sp = xsum.data();
+  const int64_t groups = N / 4;
+  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) quant_rows<Q4, 4>(xp, wp, row_bytes, sp, yp, bp, M, 4 * g, K, N);
+  });
+  for (int64_t n = groups * 4; n < N; ++n) quant_rows<Q4, 1>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
+}
+
 template <bool Q4>
 torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K, "x must be [M, K] float32");
@@ -189,30 +215,159 @@ torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, c10
   weight = weight.contiguous();
   const int64_t M = x.size(0), N = weight.size(0);
   auto y = torch::empty({M, N}, x.options());
-  auto xsum = x.view({M, blocks, 32}).sum(-1).contiguous();
-  const float* xp = x.data_ptr<float>();
-  const float* sp = xsum.data_ptr<float>();
-  const uint8_t* wp = weight.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
   torch::Tensor b;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
     b = bias->to(torch::kFloat32).contiguous();
     bp = b.data_ptr<float>();
   }
-  const int64_t row_bytes = blocks * block_bytes;
-  const int64_t groups = N / 4;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) quant_rows<Q4, 4>(xp, wp, row_bytes, sp, yp, bp, M, 4 * g, K, N);
-  });
-  for (int64_t n = groups * 4; n < N; ++n) quant_rows<Q4, 1>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
+  linear_quant_into<Q4>(x.data_ptr<float>(), weight.data_ptr<uint8_t>(), bp, y.data_ptr<float>(), M, K, N);
   return y;
 }
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------------------
+// A whole decode step through every layer of a Llama-family model, in one call: B rows, each one new token of its
+// own sequence. Eager torch spends ~30 ops per layer on it, each with its dispatch cost; at batch 1 on a CPU those
+// costs are as large as reading the weights. The arithmetic is the fast path's (llama.py), fp32 throughout:
+// RMSNorm, the fused projections (from GGUF blocks or the bf16 copy), rotary, the paged KV-cache write, attention
+// over each sequence's cached context (slots listed per row), SiLU-gated MLP, residuals.
+namespace {
+
+// y = x w^T (+ b) with whichever compact weight format w holds (bf16, Q4_1 or Q8_0 blocks).
+void linear_into(const float* x, const torch::Tensor& w, const float* bias, float* y, int64_t M, int64_t K) {
+  const int64_t N = w.size(0);
+  if (w.scalar_type() == torch::kBFloat16) {
+    linear_bf16_into(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), bias, y, M, K, N);
+  } else if (w.size(1) == K / 32 * 20) {
+    linear_quant_into<true>(x, w.data_ptr<uint8_t>(), bias, y, M, K, N);
+  } else {
+    linear_quant_into<false>(x, w.data_ptr<uint8_t>(), bias, y, M, K, N);
+  }
+}
+
+// As transformers' LlamaRMSNorm in fp32: weight * (x * rsqrt(mean(x^2) + eps)).
+void rms_norm(const float* x, const float* weight, float* y, int64_t M, int64_t H, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * H;
+    float total = 0.0f;
+    for (int64_t i = 0; i < H; ++i) total += row[i] * row[i];
+    const float scale = 1.0f / std::sqrt(total / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i) y[m * H + i] = weight[i] * (row[i] * scale);
+  }
+}
+
+// x * cos + rotate_half(x) * sin over one head, in place (cos/sin hold the head's D values).
+void rotate(float* x, const float* cos, const float* sin, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  return sum8(acc);
+}
+
+inline void axpy(float a, const float* x, float* y, int64_t D) {
+  const __m256 av = _mm256_set1_ps(a);
+  for (int64_t i = 0; i < D; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+}
+
+}  // namespace
+
+// x [B, H] (the embeddings; returned updated by every layer), cos/sin [B, D], slots [B] (where each row's new
+// key/value goes), context [B, L] with lengths [B] (the cache slots each row attends, its own new slot included),
+// k_cache/v_cache per layer [Hkv, S, D] fp32, weights per layer: input norm, qkv, qkv bias (or an empty tensor),
+// o, post norm, gate_up, down.
+torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
+                            torch::Tensor context, torch::Tensor lengths, std::vector<torch::Tensor> k_cache,
+                            std::vector<torch::Tensor> v_cache, std::vector<torch::Tensor> weights,
+                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scaling) {
+  const int64_t B = x.size(0), H = x.size(1), D = head_dim, L = context.size(1);
+  const int64_t layers = static_cast<int64_t>(k_cache.size());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && D % 8 == 0, "fp32 rows and a head size divisible by 8 only");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 7 * layers && v_cache.size() == k_cache.size(),
+              "seven weights and two caches per layer");
+  x = x.contiguous().clone();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  slots = slots.contiguous();
+  context = context.contiguous();
+  lengths = lengths.contiguous();
+  const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
+  const int64_t groups = num_heads / num_kv_heads;
+  const int64_t inter = weights[5].size(0) / 2;
+  std::vector<float> normed(B * H), qkv(B * qkv_size), attn(B * q_size), proj(B * H), gate_up(B * 2 * inter),
+      act(B * inter);
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* ctx = context.data_ptr<int64_t>();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  const float epsf = static_cast<float>(eps), scale = static_cast<float>(scaling);
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    const torch::Tensor* w = &weights[7 * layer];
+    float* kc = k_cache[layer].data_ptr<float>();
+    float* vc = v_cache[layer].data_ptr<float>();
+    const int64_t S = k_cache[layer].size(1);
+    rms_norm(xp, w[0].data_ptr<float>(), normed.data(), B, H, epsf);
+    linear_into(normed.data(), w[1], w[2].numel() ? w[2].data_ptr<float>() : nullptr, qkv.data(), B, H);
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = qkv.data() + b * qkv_size;
+      for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) rotate(row + h * D, cp + b * D, sp + b * D, D);
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        std::memcpy(kc + (h * S + slot[b]) * D, row + q_size + h * D, D * sizeof(float));
+        std::memcpy(vc + (h * S + slot[b]) * D, row + q_size + kv_size + h * D, D * sizeof(float));
+      }
+    }
+    at::parallel_for(0, B * num_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(L);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / num_heads, h = task % num_heads, kvh = h / groups, n = len[b];
+        const float* q = qkv.data() + b * qkv_size + h * D;
+        const float* keys = kc + kvh * S * D;
+        const float* values = vc + kvh * S * D;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < n; ++i) {
+          scores[i] = dot(q, keys + ctx[b * L + i] * D, D) * scale;
+          top = std::max(top, scores[i]);
+        }
+        float total = 0.0f;
+        for (int64_t i = 0; i < n; ++i) {
+          scores[i] = std::exp(scores[i] - top);
+          total += scores[i];
+        }
+        float* out = attn.data() + b * q_size + h * D;
+        std::fill(out, out + D, 0.0f);
+        for (int64_t i = 0; i < n; ++i) axpy(scores[i] / total, values + ctx[b * L + i] * D, out, D);
+      }
+    });
+    linear_into(attn.data(), w[3], nullptr, proj.data(), B, q_size);
+    for (int64_t i = 0; i < B * H; ++i) xp[i] += proj[i];
+    rms_norm(xp, w[4].data_ptr<float>(), normed.data(), B, H, epsf);
+    linear_into(normed.data(), w[5], nullptr, gate_up.data(), B, H);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = gate_up[b * 2 * inter + i];
+        act[b * inter + i] = g / (1.0f + std::exp(-g)) * gate_up[b * 2 * inter + inter + i];
+      }
+    linear_into(act.data(), w[6], nullptr, proj.data(), B, inter);
+    for (int64_t i = 0; i < B * H; ++i) xp[i] += proj[i];
+  }
+  return x;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "y = x W^T + b, fp32 x, bf16 W, fp32 accumulation (AVX2)");
   m.def("linear_q4_1", &linear_quant<true>, "y = x W^T + b, W in GGUF Q4_1 blocks, fp32 x and accumulation");
   m.def("linear_q8_0", &linear_quant<false>, "y = x W^T + b, W in GGUF Q8_0 blocks, fp32 x and accumulation");
+  m.def("decode_layers", &decode_layers, "every layer of a Llama-family decode step (B rows, one token each)");
 }

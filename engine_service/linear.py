@@ -44,6 +44,10 @@ class Linear:
         """Small steps read the weights in a GGUF block format (same values as the fp32 weights) with kernel."""
         self.blocks = (kernel, blocks, in_features)
 
+    def compact(self, small: bool) -> torch.Tensor:
+        """The weights our kernels read for a step: GGUF blocks when small (and there are blocks), else bf16."""
+        return self.blocks[1] if small and self.blocks is not None else self.small[0]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None and x.shape[0] <= BLOCKS_STEP:
             kernel, blocks, in_features = self.blocks

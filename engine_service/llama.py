@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine_service import gguf_weights
+from engine_service import attention, gguf_weights
 from engine_service.attention import paged_attention_core
-from engine_service.linear import Linear
+from engine_service.linear import BLOCKS_STEP, SMALL_STEP, Linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
@@ -83,6 +83,22 @@ class FastLlama:
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                            mlp.down_proj):
                 module.weight = None
+        # Plain decode steps of up to SMALL_STEP rows run every layer in one call of our kernel (cpu_kernels.cpp):
+        # the weights it reads per step, from GGUF blocks where the step is small enough for them, else bf16.
+        self.decode_kernels = kernels if self._fits_decode_kernel(model) else None
+        self.decode_weights = {}
+        if self.decode_kernels is not None:
+            empty = torch.empty(0)
+            for small in (True, False):
+                self.decode_weights[small] = [
+                    tensor for w in self.layers for tensor in (
+                        w.input_norm.contiguous(), w.qkv.compact(small),
+                        empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(small),
+                        w.post_norm.contiguous(), w.gate_up.compact(small), w.down.compact(small))]
+
+    def _fits_decode_kernel(self, model: torch.nn.Module) -> bool:
+        return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
+                and all(w.o.bias is None and w.qkv.small is not None for w in self.layers))
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As transformers' LlamaRMSNorm: normalise in fp32, scale in the model's dtype.
@@ -104,8 +120,16 @@ class FastLlama:
         self-speculative decoding: the first layers, then the final norm and head)."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
+        step = attention.current_step()
         tokens = x.shape[0]
+        if (self.decode_kernels is not None and num_layers is None and hidden_rows is None and not step.prefills
+                and step.num_decode == tokens <= SMALL_STEP and step.k_cache[0].dtype == torch.float32):
+            x = self.decode_kernels.decode_layers(
+                x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache,
+                step.v_cache, self.decode_weights[tokens <= BLOCKS_STEP], self.num_heads, self.num_kv_heads,
+                self.head_dim, self.eps, self.scaling)
+            return self.lm_head(self._rms_norm(x.index_select(0, keep), self.final_norm)), None
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, w in enumerate(self.layers[:num_layers]):
             h = self._rms_norm(x, w.input_norm)

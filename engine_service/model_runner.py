@@ -145,7 +145,7 @@ class ModelRunner:
         table = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in ordered],
                              dtype=torch.long)
         slot_parts: list[torch.Tensor] = []
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = lengths = None
         if decodes:
             slot_parts.append(self._slots(table[: len(decodes)], position_tensor[: len(decodes)].unsqueeze(1))[:, 0])
             lengths = torch.tensor([c.end for c in decodes], dtype=torch.long)
@@ -201,7 +201,8 @@ class ModelRunner:
         keep.extend(tree_keep)
         attention.set_step_context(attention.StepContext(
             k_cache=self.cache.k, v_cache=self.cache.v, slot_mapping=torch.cat(slot_parts).to(device),
-            num_decode=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefill_chunks))
+            num_decode=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefill_chunks,
+            decode_lengths=lengths))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         keep_rows = torch.tensor(keep, dtype=torch.long, device=device)
         hidden_rows = torch.tensor(hidden, dtype=torch.long, device=device) if hidden else None
