@@ -141,6 +141,9 @@ inline void quant_block(const float* x, const uint8_t* w, int64_t row_bytes, con
   for (int64_t b = 0; b < blocks; ++b) {
     for (int j = 0; j < NB; ++j) {
       const uint8_t* block = w + (n0 + j) * row_bytes + b * block_bytes;
+      // Five cache lines ahead in the same row: the hardware prefetcher alone left these loops waiting on memory
+      // (Q8_0 head at batch 1: 5 -> 9.5 GB/s measured).
+      _mm_prefetch(reinterpret_cast<const char*>(block + 320), _MM_HINT_T0);
       const __m256 d = _mm256_set1_ps(half_to_float(block));
       __m256 q[4];
       if (Q4) {
@@ -268,6 +271,55 @@ void rotate(float* x, const float* cos, const float* sin, int64_t D) {
   }
 }
 
+// e^x for 8 floats (Cephes' expf: x = n ln2 + r, a degree-6 polynomial for e^r, then 2^n), ~1 ulp; softmax and
+// SiLU take one exp per value, and the scalar call was a tenth of a batch-1 step.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// values[i] = e^(values[i] - top); returns their sum.
+float exp_shifted(float* values, int64_t n, float top) {
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(values + i), shift));
+    _mm256_storeu_ps(values + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float total = sum8(acc);
+  for (; i < n; ++i) {
+    values[i] = std::exp(values[i] - top);
+    total += values[i];
+  }
+  return total;
+}
+
+// out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up.
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
 inline float dot(const float* a, const float* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
@@ -340,14 +392,10 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
           scores[i] = dot(q, keys + ctx[b * L + i] * D, D) * scale;
           top = std::max(top, scores[i]);
         }
-        float total = 0.0f;
-        for (int64_t i = 0; i < n; ++i) {
-          scores[i] = std::exp(scores[i] - top);
-          total += scores[i];
-        }
+        const float inverse = 1.0f / exp_shifted(scores.data(), n, top);
         float* out = attn.data() + b * q_size + h * D;
         std::fill(out, out + D, 0.0f);
-        for (int64_t i = 0; i < n; ++i) axpy(scores[i] / total, values + ctx[b * L + i] * D, out, D);
+        for (int64_t i = 0; i < n; ++i) axpy(scores[i] * inverse, values + ctx[b * L + i] * D, out, D);
       }
     });
     linear_into(attn.data(), w[3], nullptr, proj.data(), B, q_size);
@@ -355,10 +403,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
     rms_norm(xp, w[4].data_ptr<float>(), normed.data(), B, H, epsf);
     linear_into(normed.data(), w[5], nullptr, gate_up.data(), B, H);
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < inter; ++i) {
-        const float g = gate_up[b * 2 * inter + i];
-        act[b * inter + i] = g / (1.0f + std::exp(-g)) * gate_up[b * 2 * inter + inter + i];
-      }
+      silu_mul(gate_up.data() + b * 2 * inter, gate_up.data() + b * 2 * inter + inter, act.data() + b * inter, inter);
     linear_into(act.data(), w[6], nullptr, proj.data(), B, inter);
     for (int64_t i = 0; i < B * H; ++i) xp[i] += proj[i];
   }
