@@ -76,10 +76,11 @@ def test_text_arrives_token_by_token(smollm2_gateway):
     assert len(arrivals) >= 8
 
 
-def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smollm2_model, tokenizer):
-    """The default CPU configuration decodes steps of up to 16 sequences with bf16 weights (fp32 activations and
-    accumulation on AVX2): 8 requests at once, every decode step takes that path; outputs may leave
-    transformers' (fp32) only at a near-tie."""
+def test_compact_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smollm2_model, tokenizer):
+    """The default CPU configuration runs decode steps of up to 16 sequences in one kernel call: steps of 1-2
+    rows read the GGUF's own Q4_1/Q8_0 blocks (the model's exact weights), larger ones a bf16 copy (fp32
+    activations and accumulation). 8 requests at once, then 4 alone (every step on the blocks): outputs may
+    leave transformers' (fp32) only at a near-tie."""
     import threading
 
     import torch
@@ -90,11 +91,13 @@ def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smoll
 
     runner = ModelRunner(str(smollm2_dir), "smollm2", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 28,
                          block_size=16, max_model_len=0, small_step_bf16=True)
-    assert runner.fast.layers[0].qkv.small is not None
+    fast = runner.fast
+    assert fast.decode_kernels is not None and fast.layers[0].qkv.small is not None
+    assert fast.lm_head.blocks is not None and all(w.gate_up.blocks is not None for w in fast.layers)
     engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=2048, max_waiting=64)
     engine.start()
     try:
-        prompts = [prompt_ids(tokenizer, prompt) for prompt in ALL_PROMPTS[:8]]
+        prompts = [prompt_ids(tokenizer, prompt) for prompt in ALL_PROMPTS[:12]]
         done = threading.Semaphore(0)
         outputs: list[list[int]] = [[] for _ in prompts]
 
@@ -105,9 +108,13 @@ def test_bf16_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smoll
                     done.release()
             return on_output
 
-        for index, ids in enumerate(prompts):
-            engine.add_request(f"bf16-{index}", ids, SamplingParams(max_tokens=MAX_TOKENS), collect(index))
-        for _ in prompts:
+        for index, ids in enumerate(prompts[:8]):
+            engine.add_request(f"together-{index}", ids, SamplingParams(max_tokens=MAX_TOKENS), collect(index))
+        for _ in range(8):
+            assert done.acquire(timeout=300)
+        for index in range(8, 12):
+            engine.add_request(f"alone-{index}", prompts[index], SamplingParams(max_tokens=MAX_TOKENS),
+                               collect(index))
             assert done.acquire(timeout=300)
         for ids, tokens in zip(prompts, outputs):
             check_greedy_close(smollm2_model, ids, tokens, reference_greedy(smollm2_model, ids, MAX_TOKENS),

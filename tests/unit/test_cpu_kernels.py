@@ -1,0 +1,173 @@
+"""Our CPU kernels (engine_service/cpu_kernels.cpp) against plain references: the GGUF block kernels against the
+dequantised matrix product, the one-call decode step against the eager forward pass, and a GGUF-sourced model
+served from its blocks against transformers."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine_service import cpu_kernels, gguf_weights
+from engine_service.engine import Engine
+from engine_service.model_runner import ModelRunner
+from engine_service.sampling import SamplingParams
+from tests.helpers import reference_greedy
+
+# The CI machine is AVX2 with a compiler: there the kernels must load (a failed build is a failure, not a skip).
+needs_kernels = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                                   reason="our kernels are AVX2")
+KINDS = {"Q4_1": GGMLQuantizationType.Q4_1, "Q8_0": GGMLQuantizationType.Q8_0}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels.load()
+    assert module is not None, "the CPU kernels did not build"
+    return module
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
+    rng = np.random.default_rng(rows)
+    weight = rng.standard_normal((37, 96)).astype(np.float32)   # N not a multiple of the kernel's 4-row groups
+    blocks = quants.quantize(weight, KINDS[kind])
+    dense = torch.from_numpy(quants.dequantize(blocks, KINDS[kind]).astype(np.float64))
+    x = torch.randn(rows, 96)
+    bias = torch.randn(37)
+    kernel = getattr(kernels, gguf_weights.KERNELS[kind])
+    got = kernel(x, torch.from_numpy(blocks), 96, bias)
+    expected = x.double() @ dense.T + bias.double()
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(kernel(x, torch.from_numpy(blocks), 96, None).double(), x.double() @ dense.T,
+                               atol=1e-4, rtol=1e-5)
+
+
+def _decode_ready_engine(runner: ModelRunner, prompts: list[list[int]]) -> Engine:
+    """An engine (loop not started) whose sequences have all been prefilled: its next step is a plain decode."""
+    engine = Engine(runner, max_num_seqs=16, max_num_batched_tokens=2048, max_waiting=16)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=32, ignore_eos=True), lambda *args: None)
+    engine._drain_inbox(False)
+    for _ in range(3):   # prefill, then decodes: contexts of different lengths (the kernel's padded rows)
+        engine.step()
+    return engine
+
+
+def _decode_logits_both_ways(runner: ModelRunner, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+    chunks = engine.scheduler.schedule()
+    assert chunks and all(c.is_decode for c in chunks)
+    kernel_logits, _ = runner.forward(chunks)
+    kernels, runner.fast.decode_kernels = runner.fast.decode_kernels, None
+    try:
+        eager_logits, _ = runner.forward(chunks)   # writes the same keys/values again: harmless
+    finally:
+        runner.fast.decode_kernels = kernels
+    return kernel_logits, eager_logits
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_decode_kernel_equals_eager_forward(kernels, tiny_model_dir, batch):
+    runner = ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
+                         block_size=16, max_model_len=0, small_step_bf16=True)
+    assert runner.fast.decode_kernels is not None
+    rng = np.random.default_rng(batch)
+    prompts = [[int(t) for t in rng.integers(3, 49152, size=5 + 7 * i)] for i in range(batch)]
+    engine = _decode_ready_engine(runner, prompts)
+    kernel_logits, eager_logits = _decode_logits_both_ways(runner, engine)
+    assert kernel_logits.shape == (batch, runner.spec.vocab_size)
+    torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
+
+
+def _quantized_tiny_llama(source: Path, target: Path) -> Path:
+    """The tiny Llama as a GGUF-sourced model: its layer matrices stored as Q4_1 blocks and its (tied)
+    embedding as Q8_0 in a GGUF file, the fp32 folder holding exactly their dequantisation (as a GGUF converted
+    by common.models does), with the marker that points the engine at the file."""
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    writer = GGUFWriter(str(target / "model.gguf"), "llama")
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    tensors: list[tuple[str, torch.nn.Parameter, GGMLQuantizationType]] = [
+        ("token_embd.weight", model.model.embed_tokens.weight, GGMLQuantizationType.Q8_0)]
+    for index, layer in enumerate(model.model.layers):
+        for module_name, gguf_name in names.items():
+            tensors.append((f"blk.{index}.{gguf_name}.weight", layer.get_submodule(module_name).weight,
+                            GGMLQuantizationType.Q4_1))
+    with torch.no_grad():
+        for name, parameter, kind in tensors:
+            blocks = quants.quantize(parameter.numpy(), kind)
+            parameter.copy_(torch.from_numpy(quants.dequantize(blocks, kind)))
+            writer.add_tensor(name, blocks, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    folder = target / "model"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    (folder / gguf_weights.SOURCE_FILE).write_text(str(target / "model.gguf") + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return _quantized_tiny_llama(tiny_model_dir, tmp_path_factory.mktemp("tiny-gguf"))
+
+
+@needs_kernels
+def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir, tokenizer):
+    runner = ModelRunner(str(quantized_tiny_dir), "tiny-gguf", torch.device("cpu"), torch.float32,
+                         kv_cache_bytes=1 << 24, block_size=16, max_model_len=0, small_step_bf16=True)
+    fast = runner.fast
+    assert fast.lm_head.blocks is not None
+    assert all(linear.blocks is not None for w in fast.layers for linear in (w.qkv, w.o, w.gate_up, w.down))
+    # Batches of 1 and 2 rows read the blocks, in one kernel call and on the eager path alike.
+    for batch in (1, 2):
+        prompts = [tokenizer(text).input_ids for text in ("The capital of France is", "def add(a, b):")[:batch]]
+        kernel_logits, eager_logits = _decode_logits_both_ways(runner, _decode_ready_engine(runner, prompts))
+        torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
+    # The same weights as the fp32 model: greedy output equals transformers' on the dequantised model.
+    reference = AutoModelForCausalLM.from_pretrained(quantized_tiny_dir).eval()
+    engine = Engine(runner, max_num_seqs=4, max_num_batched_tokens=2048, max_waiting=16)
+    engine.start()
+    try:
+        for text in ("Once upon a time", "def fib(n):", "你好"):
+            ids = tokenizer(text).input_ids
+            tokens: list[int] = []
+            finished: list[str] = []
+            done = threading.Event()
+
+            def collect(token_ids, reason, logprobs):
+                tokens.extend(token_ids)
+                if reason:
+                    finished.append(reason)
+                    done.set()
+            engine.add_request(text, ids, SamplingParams(max_tokens=24, ignore_eos=True), collect)
+            assert done.wait(60)
+            assert tokens == reference_greedy(reference, ids, 24)
+    finally:
+        engine.stop()
+
+
+@needs_kernels
+def test_blocks_that_do_not_match_the_weights_are_not_used(kernels, quantized_tiny_dir, tmp_path):
+    """Another file's blocks (or a model changed after conversion) must never be read in place of the weights."""
+    model = AutoModelForCausalLM.from_pretrained(quantized_tiny_dir).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[3, 5] += 0.25
+    folder = tmp_path / "changed"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(quantized_tiny_dir).save_pretrained(folder)
+    (folder / gguf_weights.SOURCE_FILE).write_text((quantized_tiny_dir / gguf_weights.SOURCE_FILE).read_text())
+    runner = ModelRunner(str(folder), "changed", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
+                         block_size=16, max_model_len=0, small_step_bf16=True)
+    assert runner.fast.layers[0].down.blocks is None
+    assert runner.fast.layers[0].gate_up.blocks is not None
