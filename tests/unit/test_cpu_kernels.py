@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter, quants
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from engine_service import cpu_kernels, gguf_weights
 from engine_service.engine import Engine
@@ -72,10 +72,30 @@ def _decode_logits_both_ways(runner: ModelRunner, engine: Engine) -> tuple[torch
     return kernel_logits, eager_logits
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer Qwen2 (q/k/v projections with biases) with random weights and the real tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:   # non-zero biases, so that a dropped bias shows
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @needs_kernels
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 3, 16])
-def test_decode_kernel_equals_eager_forward(kernels, tiny_model_dir, batch):
-    runner = ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
+def test_decode_kernel_equals_eager_forward(kernels, request, architecture, batch):
+    folder = request.getfixturevalue("tiny_model_dir" if architecture == "llama" else "tiny_qwen2_dir")
+    runner = ModelRunner(str(folder), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
                          block_size=16, max_model_len=0, small_step_bf16=True)
     assert runner.fast.decode_kernels is not None
     rng = np.random.default_rng(batch)
@@ -84,6 +104,35 @@ def test_decode_kernel_equals_eager_forward(kernels, tiny_model_dir, batch):
     kernel_logits, eager_logits = _decode_logits_both_ways(runner, engine)
     assert kernel_logits.shape == (batch, runner.spec.vocab_size)
     torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
+
+
+def test_qwen2_fast_path_equals_generate(tiny_qwen2_dir, tokenizer):
+    """The fast path with q/k/v biases (fp32 throughout) gives transformers' greedy tokens."""
+    runner = ModelRunner(str(tiny_qwen2_dir), "tiny-qwen2", torch.device("cpu"), torch.float32,
+                         kv_cache_bytes=1 << 24, block_size=16, max_model_len=0)
+    assert runner.fast is not None and runner.fast.layers[0].qkv.bias is not None
+    reference = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir).eval()
+    engine = Engine(runner, max_num_seqs=4, max_num_batched_tokens=2048, max_waiting=16)
+    engine.start()
+    try:
+        for text in ("The capital of France is", "def add(a, b):"):
+            ids = tokenizer(text).input_ids
+            assert _generate(engine, text, ids, 16) == reference_greedy(reference, ids, 16)
+    finally:
+        engine.stop()
+
+
+def _generate(engine: Engine, request_id: str, ids: list[int], max_tokens: int) -> list[int]:
+    tokens: list[int] = []
+    done = threading.Event()
+
+    def collect(token_ids, reason, logprobs):
+        tokens.extend(token_ids)
+        if reason:
+            done.set()
+    engine.add_request(request_id, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), collect)
+    assert done.wait(60)
+    return tokens
 
 
 def _quantized_tiny_llama(source: Path, target: Path) -> Path:
@@ -141,18 +190,7 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
     try:
         for text in ("Once upon a time", "def fib(n):", "你好"):
             ids = tokenizer(text).input_ids
-            tokens: list[int] = []
-            finished: list[str] = []
-            done = threading.Event()
-
-            def collect(token_ids, reason, logprobs):
-                tokens.extend(token_ids)
-                if reason:
-                    finished.append(reason)
-                    done.set()
-            engine.add_request(text, ids, SamplingParams(max_tokens=24, ignore_eos=True), collect)
-            assert done.wait(60)
-            assert tokens == reference_greedy(reference, ids, 24)
+            assert _generate(engine, text, ids, 24) == reference_greedy(reference, ids, 24)
     finally:
         engine.stop()
 
