@@ -9,11 +9,29 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 namespace {
+
+// Runs f(begin, end) over [0, n) in chunks that torch's threads take one at a time, as each finishes its last:
+// on a shared machine one thread is often descheduled for a while, and with a static split (at::parallel_for)
+// the others then wait for its half at the end of every loop. Here they take over its remaining chunks.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1) {
+    f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) f(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
 
 // Block of rows x weight rows per inner loop: 12 accumulators, 3 widened weight vectors and one activation
 // vector fill the 16 AVX2 registers (measured best of 4x2, 4x3, 3x4, 2x4 on the 2-core CI machine).
@@ -88,7 +106,7 @@ inline void rows(const float* x, const uint16_t* w, float* y, const float* bias,
 void linear_bf16_into(const float* xp, const uint16_t* wp, const float* bp, float* yp, int64_t M, int64_t K,
                       int64_t N) {
   const int64_t groups = N / NB_MAX;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+  parallel_chunks(groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) rows<NB_MAX>(xp, wp, yp, bp, M, NB_MAX * g, K, N);
   });
   for (int64_t n = groups * NB_MAX; n < N; ++n) rows<1>(xp, wp, yp, bp, M, n, K, N);
@@ -201,7 +219,7 @@ void linear_quant_into(const float* xp, const uint8_t* wp, const float* bp, floa
     }
   const float* sp = xsum.data();
   const int64_t groups = N / 4;
-  at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+  parallel_chunks(groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) quant_rows<Q4, 4>(xp, wp, row_bytes, sp, yp, bp, M, 4 * g, K, N);
   });
   for (int64_t n = groups * 4; n < N; ++n) quant_rows<Q4, 1>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
@@ -380,7 +398,7 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
         std::memcpy(vc + (h * S + slot[b]) * D, row + q_size + kv_size + h * D, D * sizeof(float));
       }
     }
-    at::parallel_for(0, B * num_heads, 1, [&](int64_t begin, int64_t end) {
+    parallel_chunks(B * num_heads, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(L);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / num_heads, h = task % num_heads, kvh = h / groups, n = len[b];
@@ -410,9 +428,14 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
   return x;
 }
 
+// The GIL is released while a kernel runs: the engine's gRPC threads stream the previous step's tokens meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "y = x W^T + b, fp32 x, bf16 W, fp32 accumulation (AVX2)");
-  m.def("linear_q4_1", &linear_quant<true>, "y = x W^T + b, W in GGUF Q4_1 blocks, fp32 x and accumulation");
-  m.def("linear_q8_0", &linear_quant<false>, "y = x W^T + b, W in GGUF Q8_0 blocks, fp32 x and accumulation");
-  m.def("decode_layers", &decode_layers, "every layer of a Llama-family decode step (B rows, one token each)");
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear_bf16", &linear_bf16, "y = x W^T + b, fp32 x, bf16 W, fp32 accumulation (AVX2)", no_gil);
+  m.def("linear_q4_1", &linear_quant<true>, "y = x W^T + b, W in GGUF Q4_1 blocks, fp32 x and accumulation",
+        no_gil);
+  m.def("linear_q8_0", &linear_quant<false>, "y = x W^T + b, W in GGUF Q8_0 blocks, fp32 x and accumulation",
+        no_gil);
+  m.def("decode_layers", &decode_layers, "every layer of a Llama-family decode step (B rows, one token each)",
+        no_gil);
 }
