@@ -112,6 +112,11 @@ void linear_bf16_into(const float* xp, const uint16_t* wp, const float* bp, floa
   for (int64_t n = groups * NB_MAX; n < N; ++n) rows<1>(xp, wp, yp, bp, M, n, K, N);
 }
 
+// An optional bias as a contiguous fp32 tensor (undefined when there is none).
+torch::Tensor float_bias(const c10::optional<torch::Tensor>& bias) {
+  return bias.has_value() && bias->defined() ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
+}
+
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x must be a 2-D float32 tensor");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16, "weight must be a 2-D bfloat16 tensor");
@@ -120,12 +125,8 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
   weight = weight.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   auto y = torch::empty({M, N}, x.options());
-  torch::Tensor b;
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    bp = b.data_ptr<float>();
-  }
+  const torch::Tensor b = float_bias(bias);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   linear_bf16_into(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()), bp,
                    y.data_ptr<float>(), M, K, N);
   return y;
@@ -236,12 +237,8 @@ torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, c10
   weight = weight.contiguous();
   const int64_t M = x.size(0), N = weight.size(0);
   auto y = torch::empty({M, N}, x.options());
-  torch::Tensor b;
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    bp = b.data_ptr<float>();
-  }
+  const torch::Tensor b = float_bias(bias);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   linear_quant_into<Q4>(x.data_ptr<float>(), weight.data_ptr<uint8_t>(), bp, y.data_ptr<float>(), M, K, N);
   return y;
 }
