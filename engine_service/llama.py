@@ -85,7 +85,7 @@ class FastLlama:
                 module.weight = None
         # Plain decode steps of up to SMALL_STEP rows run every layer in one call of our kernel (cpu_kernels.cpp):
         # the weights it reads per step, from GGUF blocks where the step is small enough for them, else bf16.
-        self.decode_kernels = kernels if self._fits_decode_kernel(model) else None
+        self.decode_kernels = kernels if self._fits_decode_kernel() else None
         self.decode_weights = {}
         if self.decode_kernels is not None:
             empty = torch.empty(0)
@@ -96,7 +96,7 @@ class FastLlama:
                         empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(small),
                         w.post_norm.contiguous(), w.gate_up.compact(small), w.down.compact(small))]
 
-    def _fits_decode_kernel(self, model: torch.nn.Module) -> bool:
+    def _fits_decode_kernel(self) -> bool:
         return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
                 and all(w.o.bias is None and w.qkv.small is not None for w in self.layers))
 
