@@ -123,14 +123,24 @@ class ModelRunner:
         chunks with want_hidden get their rows' final hidden states in `chunk.hidden`; every chunk gets the
         cache slots it wrote in `chunk.slots`. num_layers: run only the first layers (a self-speculative draft)."""
         decodes = [c for c in chunks if c.is_decode and c.tree is None]
-        others = [c for c in chunks if not (c.is_decode and c.tree is None)]
-        ordered = decodes + others
+        # A linear chain of guesses (a speculative step) is decode rows of one sequence: row i attends the cache up
+        # to its own position, as a decode does. With the decodes, such steps take the one-call kernel on CPU.
+        chains = [c for c in chunks if c.tree is not None and not c.want_hidden and c.start > 0 and in_place(c.tree)]
+        chain_ids = {id(c) for c in chains}
+        others = [c for c in chunks if not (c.is_decode and c.tree is None) and id(c) not in chain_ids]
+        ordered = decodes + chains + others
         device = self.device
         token_ids: list[int] = []
         positions: list[int] = []
-        for c in decodes:
+        row_chunk: list[int] = []        # for each decode row, its chunk's index in `ordered`
+        for i, c in enumerate(decodes):
             token_ids.append(c.seq.token_at(c.start))
             positions.append(c.start)
+            row_chunk.append(i)
+        for i, c in enumerate(chains, start=len(decodes)):
+            token_ids.extend(c.tree.tokens)
+            positions.extend(c.start + offset for offset in c.tree.offsets)
+            row_chunk.extend([i] * len(c.tree.tokens))
         for c in others:
             if c.tree is not None:
                 token_ids.extend(c.tree.tokens)
@@ -146,28 +156,43 @@ class ModelRunner:
                              dtype=torch.long)
         slot_parts: list[torch.Tensor] = []
         decode_slots = decode_mask = lengths = None
-        if decodes:
-            slot_parts.append(self._slots(table[: len(decodes)], position_tensor[: len(decodes)].unsqueeze(1))[:, 0])
-            lengths = torch.tensor([c.end for c in decodes], dtype=torch.long)
+        num_rows = len(row_chunk)
+        if num_rows:
+            row_table = table[torch.tensor(row_chunk, dtype=torch.long)]
+            row_positions = position_tensor[:num_rows]
+            row_slots = self._slots(row_table, row_positions.unsqueeze(1))[:, 0]
+            slot_parts.append(row_slots)
+            lengths = row_positions + 1
             max_len = int(lengths.max())
-            span = torch.arange(max_len, dtype=torch.long).expand(len(decodes), max_len)
+            span = torch.arange(max_len, dtype=torch.long).expand(num_rows, max_len)
             valid = span < lengths.unsqueeze(1)
-            decode_slots = self._slots(table[: len(decodes)], span.clamp(max=max_len - 1) * valid)
+            decode_slots = self._slots(row_table, span.clamp(max=max_len - 1) * valid)
             if not bool(valid.all()):
-                decode_mask = valid.view(1, len(decodes), 1, max_len).to(device)
+                decode_mask = valid.view(1, num_rows, 1, max_len).to(device)
             decode_slots = decode_slots.to(device)
-            for c, slot in zip(decodes, slot_parts[0].tolist()):
+            row_slot_list = row_slots.tolist()
+            for c, slot in zip(decodes, row_slot_list):
                 c.slots = [slot]
+            first = len(decodes)
+            for c in chains:
+                c.slots = row_slot_list[first: first + len(c.tree.tokens)]
+                first += len(c.tree.tokens)
         prefill_chunks: list[attention.PrefillChunk] = []
         plain_chunks = [c for c in decodes if c.samples]
         keep: list[int] = [i for i, c in enumerate(decodes) if c.samples]   # plain sampling rows first
         tree_keep: list[int] = []
         tree_rows: list[tuple[ScheduledChunk, int, int]] = []               # (chunk, first row in tree_keep, count)
+        offset = len(decodes)
+        for c in chains:
+            n = len(c.tree.tokens)
+            tree_rows.append((c, len(tree_keep), n))
+            tree_keep.extend(range(offset, offset + n))
+            offset += n
         hidden: list[int] = []
         hidden_chunks: list[tuple[ScheduledChunk, int, int]] = []
-        offset, scratch_used = len(decodes), 0
+        scratch_used = 0
         for i, c in enumerate(others):
-            row = table[len(decodes) + i]
+            row = table[len(decodes) + len(chains) + i]
             n = len(c.tree.tokens) if c.tree is not None else c.end - c.start
             scratch = c.tree is not None and not in_place(c.tree)
             if scratch:  # guesses share positions: their keys/values go to scratch slots until accepted
@@ -201,7 +226,7 @@ class ModelRunner:
         keep.extend(tree_keep)
         attention.set_step_context(attention.StepContext(
             k_cache=self.cache.k, v_cache=self.cache.v, slot_mapping=torch.cat(slot_parts).to(device),
-            num_decode=len(decodes), decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefill_chunks,
+            num_decode=num_rows, decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefill_chunks,
             decode_lengths=lengths))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         keep_rows = torch.tensor(keep, dtype=torch.long, device=device)

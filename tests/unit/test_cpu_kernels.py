@@ -209,3 +209,51 @@ def test_blocks_that_do_not_match_the_weights_are_not_used(kernels, quantized_ti
                          block_size=16, max_model_len=0, small_step_bf16=True)
     assert runner.fast.layers[0].down.blocks is None
     assert runner.fast.layers[0].gate_up.blocks is not None
+
+
+class _CountingKernels:
+    """The compiled module, recording the rows of every one-call decode step."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.rows: list[int] = []
+
+    def decode_layers(self, x, *args):
+        self.rows.append(x.shape[0])
+        return self.module.decode_layers(x, *args)
+
+
+@needs_kernels
+def test_speculative_chains_take_the_decode_kernel(kernels, tiny_model_dir, tokenizer):
+    """A prompt-lookup step's chain of guesses is decode rows of one sequence: it runs in the one-call kernel,
+    and (each row computed as a decode at its position would be) greedy output equals plain greedy."""
+    runner = ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
+                         block_size=16, max_model_len=0, small_step_bf16=True)
+    counting = _CountingKernels(runner.fast.decode_kernels)
+    runner.fast.decode_kernels = counting
+    engine = Engine(runner, max_num_seqs=4, max_num_batched_tokens=2048, max_waiting=16)
+    engine.start()
+    try:
+        prompts = [[5, 6, 7, 8] * 10, list(range(100, 140)) * 2, [9, 9, 9, 9, 9, 9],
+                   tokenizer("the cat sat on the mat. the cat sat on the").input_ids]
+        drafts, chains = engine.spec_draft_tokens, 0
+        for i, ids in enumerate(prompts):
+            plain = _generate(engine, f"plain-{i}", ids, 24)
+            counting.rows.clear()
+            tokens: list[int] = []
+            done = threading.Event()
+
+            def collect(token_ids, reason, logprobs):
+                tokens.extend(token_ids)
+                if reason:
+                    done.set()
+            engine.add_request(f"lookup-{i}", ids, SamplingParams(max_tokens=24, ignore_eos=True,
+                                                                  speculative="prompt_lookup"), collect)
+            assert done.wait(60)
+            assert tokens == plain
+            chains += sum(rows > 1 for rows in counting.rows)
+        # Guesses were verified, and those steps went through the kernel with more rows than sequences.
+        assert engine.spec_draft_tokens > drafts and chains > 0
+        assert engine.stats().kv_blocks_used == 0
+    finally:
+        engine.stop()
