@@ -73,8 +73,7 @@ def _decode_attention(groups: int, query: torch.Tensor, key: torch.Tensor, value
 def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          scaling: float | None) -> torch.Tensor:
     """query [T, H, D], key/value [T, Hkv, D] for the step's new tokens -> attention output [T, H, D]."""
-    ctx = _context
-    assert ctx is not None, "paged attention called outside an engine step"
+    ctx = current_step()
     k_cache, v_cache = ctx.k_cache[layer], ctx.v_cache[layer]
     k_cache.index_copy_(1, ctx.slot_mapping, key.transpose(0, 1).to(k_cache.dtype))
     v_cache.index_copy_(1, ctx.slot_mapping, value.transpose(0, 1).to(v_cache.dtype))

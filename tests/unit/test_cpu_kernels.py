@@ -122,7 +122,7 @@ def test_qwen2_fast_path_equals_generate(tiny_qwen2_dir, tokenizer):
         engine.stop()
 
 
-def _generate(engine: Engine, request_id: str, ids: list[int], max_tokens: int) -> list[int]:
+def _generate(engine: Engine, request_id: str, ids: list[int], max_tokens: int, **params: object) -> list[int]:
     tokens: list[int] = []
     done = threading.Event()
 
@@ -130,7 +130,7 @@ def _generate(engine: Engine, request_id: str, ids: list[int], max_tokens: int) 
         tokens.extend(token_ids)
         if reason:
             done.set()
-    engine.add_request(request_id, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), collect)
+    engine.add_request(request_id, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params), collect)
     assert done.wait(60)
     return tokens
 
@@ -240,17 +240,7 @@ def test_speculative_chains_take_the_decode_kernel(kernels, tiny_model_dir, toke
         for i, ids in enumerate(prompts):
             plain = _generate(engine, f"plain-{i}", ids, 24)
             counting.rows.clear()
-            tokens: list[int] = []
-            done = threading.Event()
-
-            def collect(token_ids, reason, logprobs):
-                tokens.extend(token_ids)
-                if reason:
-                    done.set()
-            engine.add_request(f"lookup-{i}", ids, SamplingParams(max_tokens=24, ignore_eos=True,
-                                                                  speculative="prompt_lookup"), collect)
-            assert done.wait(60)
-            assert tokens == plain
+            assert _generate(engine, f"lookup-{i}", ids, 24, speculative="prompt_lookup") == plain
             chains += sum(rows > 1 for rows in counting.rows)
         # Guesses were verified, and those steps went through the kernel with more rows than sequences.
         assert engine.spec_draft_tokens > drafts and chains > 0
