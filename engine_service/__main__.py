@@ -75,7 +75,8 @@ async def serve(config: EngineConfig) -> None:
     async def stop_engine() -> None:
         await asyncio.to_thread(engine.stop)
 
-    await run_until_signal(service, "engine", on_stop=stop_engine, grace_seconds=config.shutdown_grace_seconds)
+    await run_until_signal(service, "engine", on_stop=stop_engine, grace_seconds=config.shutdown_grace_seconds,
+                           on_drain=servicer.drain)
 
 
 def main() -> None:

@@ -17,8 +17,10 @@ def invalid(message: str) -> GatewayError:
 
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str, address: str) -> GatewayError:
     """Maps a downstream failure to what the client should see, naming the service that failed."""
-    code = error.code()
-    detail = error.details() or ""
+    return from_status(error.code(), error.details() or "", service, address)
+
+
+def from_status(code: grpc.StatusCode, detail: str, service: str, address: str) -> GatewayError:
     if code == grpc.StatusCode.UNAVAILABLE:
         return GatewayError(code, f"the {service} service at {address} is unavailable: {detail}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -16,6 +16,7 @@ from common.logs import kv
 from common.server import GRPC_OPTIONS
 from gateway import metrics
 from gateway.channels import RECONNECT_OPTIONS, wait_ready
+from gateway.detokenize import SharedDetokenizer
 from gateway.errors import GatewayError, from_rpc_error
 from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
@@ -104,11 +105,13 @@ class Pipeline:
                                                             options=[*GRPC_OPTIONS, *RECONNECT_OPTIONS])
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.token_texts = TokenTextCache(self.tokenizer, tokenizer_address)
+        self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address)
         self.router = EngineRouter(engine_address, router_settings)  # one engine or several: see router.py
         self._model_info: common_pb2.ModelInfo | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        self.detokenizer.close()
         await self._tokenizer_channel.close()
         await self.router.close()
 
@@ -228,7 +231,7 @@ class Pipeline:
             received = kept = 0           # tokens from the engine; tokens returned (none past a stop string)
             pending_ids: list[int] = []
             pending_logprobs: list[common_pb2.TokenLogprobs] = []
-            detokenize = self.tokenizer.Detokenize(timeout=remaining())
+            detokenize = self.detokenizer.sequence()
             batches = self._token_batches(prefill, completion, remaining)
             try:
                 async for token_ids, reason, logprobs in batches:
@@ -252,7 +255,7 @@ class Pipeline:
                     text, used = "", 0
                     for i, piece in enumerate(pieces):
                         final = bool(reason) and i == len(pieces) - 1
-                        text += stops.feed(await self._detokenize(detokenize, piece, final), final=final)
+                        text += stops.feed(await detokenize.add(piece, final, remaining()), final=final)
                         used += len(piece)
                         if stops.stopped:
                             break
@@ -271,7 +274,7 @@ class Pipeline:
                         yield await self._chunk(completion, text, pending_ids, pending_logprobs, remaining)
                         pending_ids, pending_logprobs = [], []
             finally:
-                detokenize.cancel()
+                detokenize.close()
                 await batches.aclose()
         finally:
             if completion.engine is not None:
@@ -303,16 +306,6 @@ class Pipeline:
                 log.info("prefill retried on another engine %s",
                          kv(request_id=completion.request_id, engine=engine.address, code=exc.code().name))
 
-    async def _detokenize(self, stream, token_ids: list[int], final: bool) -> str:
-        try:
-            await stream.write(tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, final=final))
-            delta = await stream.read()
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "tokenizer", self.tokenizer_address) from None
-        if delta is grpc.aio.EOF:
-            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the tokenizer closed the detokenize stream")
-        return delta.text
-
     async def _chunk(self, completion: Completion, text: str, token_ids: list[int],
                      logprobs: list[common_pb2.TokenLogprobs], remaining: Remaining, finish_reason: str = "",
                      prompt_tokens: int = 0, completion_tokens: int = 0) -> Chunk:
@@ -323,25 +316,26 @@ class Pipeline:
 
     async def _token_batches(self, prefill: engine_pb2.PrefillResponse, completion: Completion, remaining: Remaining
                              ) -> AsyncIterator[tuple[list[int], str, list[common_pb2.TokenLogprobs]]]:
-        """The first token, then the engine's decode stream, as (token_ids, finish_reason, logprobs)."""
+        """The first token, then the sequence's outputs from the engine's Decode stream, as (token_ids,
+        finish_reason, logprobs)."""
         engine = completion.engine
         assert engine is not None
         yield [prefill.token_id], prefill.finish_reason, [prefill.logprobs] if prefill.HasField("logprobs") else []
         if prefill.finish_reason:
             return
-        decode = engine.stub.Decode(engine_pb2.DecodeRequest(request_id=completion.request_id), timeout=remaining())
+        decode = engine.decode.attach(completion.request_id, remaining())
         try:
-            async for message in decode:
-                yield list(message.token_ids), message.finish_reason, list(message.logprobs)
-                if message.finish_reason:
+            while True:
+                output = await decode.next()
+                yield list(output.token_ids), output.finish_reason, list(output.logprobs)
+                if output.finish_reason:
                     return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # the engine died mid-stream: the request ends here
+        except GatewayError as exc:
+            if exc.code == grpc.StatusCode.UNAVAILABLE:  # the engine died mid-stream: the request ends here
                 self.router.mark_unavailable(engine, "Decode: UNAVAILABLE")
-            raise from_rpc_error(exc, "engine", engine.address) from None
+            raise
         finally:
-            decode.cancel()
-        raise GatewayError(grpc.StatusCode.UNAVAILABLE, "the engine ended the decode stream without a finish reason")
+            decode.close()
 
     def _abort_in_background(self, request_id: str, engine: EngineEndpoint) -> None:
         """Tells the engine to free the sequence; runs even while the request's own task is being cancelled."""

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.logs import kv
 from common.server import GRPC_OPTIONS
+from gateway.decode import SharedDecode
 from gateway.errors import GatewayError
 from splitserve.v1 import engine_pb2, engine_pb2_grpc
 
@@ -136,6 +137,7 @@ class EngineEndpoint:
         self.channel = grpc.aio.insecure_channel(address, options=ENGINE_CHANNEL_OPTIONS)
         self.stub = engine_pb2_grpc.EngineStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.decode = SharedDecode(self.stub, address)   # the Decode stream of all requests on it
         self.healthy = True          # until a check or a request says otherwise
         self.in_flight = 0           # this gateway's requests on it
         self.external_load = 0       # other gateways' sequences on it, as of the last GetStats
@@ -144,6 +146,10 @@ class EngineEndpoint:
     @property
     def load(self) -> int:
         return self.in_flight + self.external_load
+
+    async def close(self) -> None:
+        self.decode.close()
+        await self.channel.close()
 
     def __repr__(self) -> str:
         return f"EngineEndpoint({self.address!r}, healthy={self.healthy}, load={self.load})"
@@ -176,7 +182,7 @@ class EngineRouter:
         if self._watcher is not None:
             self._watcher.cancel()
         for endpoint in self.endpoints.values():
-            await endpoint.channel.close()
+            await endpoint.close()
 
     def candidates(self, exclude: Sequence[str] = ()) -> list[EngineEndpoint]:
         """Healthy engines not yet tried; when none is healthy, every engine not yet tried."""
@@ -274,4 +280,4 @@ class EngineRouter:
         for address, endpoint in list(self.endpoints.items()):
             if endpoint.retired and endpoint.in_flight == 0:
                 del self.endpoints[address]
-                await endpoint.channel.close()
+                await endpoint.close()

@@ -1,4 +1,4 @@
-"""gRPC servicer: protobuf in, plain PromptTokenizer/IncrementalDetokenizer calls, protobuf out."""
+"""gRPC servicer: protobuf in, plain PromptTokenizer/DetokenizeStream calls, protobuf out."""
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
-from tokenizer_service.metrics import TOKENIZER_SECONDS
+from tokenizer_service.detokenize_streams import DetokenizeStream
+from tokenizer_service.metrics import DETOKENIZE_SEQUENCES, TOKENIZER_SECONDS
 from tokenizer_service.tokenizer import PromptTokenizer
 
 log = logging.getLogger("splitserve.tokenizer")
@@ -42,12 +43,22 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def Detokenize(self, request_iterator: AsyncIterator[tokenizer_pb2.DetokenizeRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[tokenizer_pb2.DetokenizeResponse]:
-        detokenizer = self.tokenizer.detokenizer()
-        async with _status_on_error(context):
+        stream = DetokenizeStream(self.tokenizer.detokenizer, DETOKENIZE_SEQUENCES.inc)
+        try:
             async for request in request_iterator:
-                with _timed("detokenize"):
-                    text = detokenizer.add(list(request.token_ids), final=request.final)
-                yield tokenizer_pb2.DetokenizeResponse(text=text)
+                yield tokenizer_pb2.DetokenizeResponse(results=[self._detokenize(stream, piece)
+                                                                for piece in request.pieces])
+        finally:
+            stream.close()
+
+    @staticmethod
+    def _detokenize(stream: DetokenizeStream, piece: tokenizer_pb2.DetokenizePiece) -> tokenizer_pb2.DetokenizeResult:
+        """A refused piece fails only its own sequence: the stream carries the others too."""
+        with _timed("detokenize"):
+            try:
+                return tokenizer_pb2.DetokenizeResult(text=stream.add(piece.sequence, piece.token_ids, piece.final))
+            except ValueError as exc:
+                return tokenizer_pb2.DetokenizeResult(error=str(exc))
 
     async def TokenTexts(self, request: tokenizer_pb2.TokenTextsRequest,
                          context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenTextsResponse:
