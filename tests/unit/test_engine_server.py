@@ -1,11 +1,13 @@
 """The engine servicer's protobuf mapping: every strategy field reaches the engine's SamplingParams, and logprobs
-travel with their tokens (the first one in PrefillResponse, the rest in the decode queue, coalesced in order)."""
+travel with their tokens (the first one in PrefillResponse, the rest held until a Decode stream takes them, coalesced)."""
 from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from engine_service.sequence import TokenLogprobs
-from engine_service.server import OutputStream, sampling_from_proto
+from engine_service.server import DecodeOutbox, OutputStream, sampling_from_proto
 from splitserve.v1 import common_pb2
 
 
@@ -27,23 +29,35 @@ def test_every_strategy_field_is_mapped():
     assert (params.prompt_lookup_max_ngram, params.lookahead_window, params.lookahead_ngram) == (2, 6, 3)
 
 
-def test_logprobs_follow_their_tokens_through_the_output_stream():
+def test_outputs_wait_for_their_stream_then_go_out_coalesced_with_their_logprobs():
     async def scenario():
-        stream = OutputStream(first=asyncio.get_running_loop().create_future())
-        lps = [TokenLogprobs(t, -0.1 * t, ((t, -0.1 * t), (99, -5.0))) for t in (1, 2, 3, 4)]
+        stream = OutputStream(first=asyncio.get_running_loop().create_future(), request_id="r")
+        lps = [TokenLogprobs(t, -0.1 * t, ((t, -0.1 * t), (99, -5.0))) for t in (1, 2, 3, 4, 5)]
         stream.push([1, 2], "", lps[:2])              # several tokens at once (a speculative step)
         stream.push([3], "", lps[2:3])
-        stream.push([4], "length", lps[3:])
         token, reason, first = await stream.first
         assert (token, reason, first.token_id) == (1, "", 1)
         assert [top.token_id for top in first.top] == [1, 99]
-        queued = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
-        assert [ids for ids, _, _ in queued] == [[2], [3], [4]]
-        assert [[lp.token_id for lp in logprobs] for _, _, logprobs in queued] == [[2], [3], [4]]
-        assert queued[-1][1] == "length"
+
+        outbox = DecodeOutbox()                       # attached only now: what piled up goes out as one output
+        stream.outbox, stream.key = outbox, 7
+        stream.push([4], "", lps[3:4])
+        assert outbox.take() == [stream] and outbox.take() == []
+        output = stream.take()
+        assert (output.key, list(output.token_ids), output.finish_reason) == (7, [2, 3, 4], "")
+        assert [lp.token_id for lp in output.logprobs] == [2, 3, 4] and not stream.finished
+        stream.push([5], "length", lps[4:])
+        output = stream.take()
+        assert (list(output.token_ids), output.finish_reason, stream.finished) == ([5], "length", True)
 
         plain = OutputStream(first=asyncio.get_running_loop().create_future())
         plain.push([7], "stop", [])                   # no logprobs asked
         assert await plain.first == (7, "stop", None)
+
+        failed = OutputStream(first=asyncio.get_running_loop().create_future(), request_id="f")
+        failed.push([8], "", [])
+        failed.push([], "error", [])
+        output = failed.take()
+        assert output.error_code == grpc.StatusCode.INTERNAL.value[0] and "'f'" in output.error
 
     asyncio.run(scenario())

@@ -83,42 +83,94 @@ def test_bad_tokenize_requests_are_invalid_argument(call, request_, message: str
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details()
 
 
-def test_detokenize_streams_one_response_per_message_in_order(call, prompt_tokenizer: PromptTokenizer) -> None:
-    text = "Sure! 你好 🙂 done."
-    ids = prompt_tokenizer.tokenizer(text, add_special_tokens=False).input_ids + prompt_tokenizer.eos_token_ids
-    chunks = [ids[i:i + 2] for i in range(0, len(ids), 2)]
+def live_sequences() -> float:
+    return prometheus_client.REGISTRY.get_sample_value("splitserve_tokenizer_detokenize_sequences") or 0.0
+
+
+def piece(sequence: int, token_ids: list[int], final: bool = False) -> tokenizer_pb2.DetokenizePiece:
+    return tokenizer_pb2.DetokenizePiece(sequence=sequence, token_ids=token_ids, final=final)
+
+
+def test_one_detokenize_stream_carries_interleaved_sequences(call, prompt_tokenizer: PromptTokenizer) -> None:
+    """Two sequences share the stream, their pieces interleaved in the same messages: each one's texts join to its
+    own text, one result per piece, in order; final pieces forget them."""
+    texts = {1: "Sure! 你好 🙂 done.", 2: "Another 🙂 story, told twice."}
+    ids = {n: prompt_tokenizer.tokenizer(t, add_special_tokens=False).input_ids + prompt_tokenizer.eos_token_ids
+           for n, t in texts.items()}
+    chunks = {n: [i[k:k + 2] for k in range(0, len(i), 2)] for n, i in ids.items()}
+    rounds = max(len(c) for c in chunks.values())
     before = samples("detokenize")
 
     async def scenario(stub: Stub):
         stream = stub.Detokenize()
-        texts = []
-        for index, chunk in enumerate(chunks):  # lock-step, as the gateway drives it
-            await stream.write(tokenizer_pb2.DetokenizeRequest(token_ids=chunk, final=index == len(chunks) - 1))
-            texts.append((await stream.read()).text)
+        out: dict[int, list[str]] = {1: [], 2: []}
+        sent = 0
+        for index in range(rounds):
+            pieces = [piece(n, c[index], final=index == len(c) - 1) for n, c in chunks.items() if index < len(c)]
+            await stream.write(tokenizer_pb2.DetokenizeRequest(pieces=pieces))
+            results = (await stream.read()).results
+            assert len(results) == len(pieces) and not any(r.error for r in results)
+            for p, result in zip(pieces, results):
+                out[p.sequence].append(result.text)
+            sent += len(pieces)
+            if index == 0:
+                assert live_sequences() == 2
+        live_after = live_sequences()
         await stream.done_writing()
         assert await stream.read() is grpc.aio.EOF
-        return texts
+        return out, sent, live_after
 
-    texts = call(scenario)
-    assert len(texts) == len(chunks) and "".join(texts) == text
-    assert samples("detokenize") == before + len(chunks)
+    out, sent, live_after = call(scenario)
+    assert {n: "".join(parts) for n, parts in out.items()} == texts
+    assert samples("detokenize") == before + sent
+    assert live_after == 0
 
 
-@pytest.mark.parametrize("requests, message", [
-    ([tokenizer_pb2.DetokenizeRequest(token_ids=[10**6])], "outside the vocabulary"),
-    ([tokenizer_pb2.DetokenizeRequest(token_ids=[42], final=True), tokenizer_pb2.DetokenizeRequest(token_ids=[42])],
-     "already finished"),
-], ids=["out-of-vocab", "after-final"])
-def test_bad_detokenize_messages_end_the_stream_with_invalid_argument(call, requests, message: str) -> None:
+def test_a_refused_piece_fails_only_its_sequence(call, prompt_tokenizer: PromptTokenizer) -> None:
+    """Out of the vocabulary, a piece after final, a number that does not increase: that piece gets an error,
+    the sequence is forgotten, and the stream serves the other sequences on it."""
+    hello = prompt_tokenizer.tokenizer("Hello", add_special_tokens=False).input_ids
+
     async def scenario(stub: Stub):
-        stream = stub.Detokenize(iter(requests))
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in stream:
-                pass
-        return caught.value
+        stream = stub.Detokenize()
+        messages = [
+            [piece(1, hello), piece(2, [10**6])],            # 2: outside the vocabulary
+            [piece(3, hello, final=True), piece(1, hello)],   # 3 finishes
+            [piece(3, hello), piece(2, hello)],               # both already finished (2 was forgotten)
+            [piece(5, hello), piece(4, hello)],               # 4 after 5: numbers must increase
+            [piece(1, [], final=True), piece(5, [], final=True)],
+        ]
+        results = []
+        for pieces in messages:
+            await stream.write(tokenizer_pb2.DetokenizeRequest(pieces=pieces))
+            results.append([(r.text, r.error) for r in (await stream.read()).results])
+        live = live_sequences()
+        await stream.done_writing()
+        return results, live
 
-    error = call(scenario)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details()
+    results, live = call(scenario)
+    assert results[0][0] == ("Hello", "") and "outside the vocabulary" in results[0][1][1]
+    assert results[1] == [("Hello", ""), ("Hello", "")]
+    assert all("already finished" in error for _, error in results[2])
+    assert results[3][0] == ("Hello", "") and "above 5" in results[3][1][1]
+    assert results[4] == [("", ""), ("", "")]   # the text was sent; final flushes nothing more
+    assert live == 0
+
+
+def test_a_stream_that_ends_forgets_its_open_sequences(call, prompt_tokenizer: PromptTokenizer) -> None:
+    async def scenario(stub: Stub):
+        stream = stub.Detokenize()
+        await stream.write(tokenizer_pb2.DetokenizeRequest(pieces=[piece(1, [42]), piece(2, [43])]))
+        await stream.read()
+        open_ = live_sequences()
+        stream.cancel()
+        for _ in range(100):   # the server sees the cancellation asynchronously
+            if live_sequences() == 0:
+                break
+            await asyncio.sleep(0.02)
+        return open_, live_sequences()
+
+    assert call(scenario) == (2, 0)
 
 
 def test_get_info(call, prompt_tokenizer: PromptTokenizer) -> None:
