@@ -17,6 +17,7 @@ from engine_service.attention import paged_attention_core
 from engine_service.linear import BLOCKS_STEP, SMALL_STEP, Linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+WEIGHTS_PER_LAYER = 7   # the one-call kernel's weights of one layer (decode_weights)
 
 
 @dataclass
@@ -90,7 +91,7 @@ class FastLlama:
         if self.decode_kernels is not None:
             empty = torch.empty(0)
             for small in (True, False):
-                self.decode_weights[small] = [
+                self.decode_weights[small] = [   # WEIGHTS_PER_LAYER tensors per layer, in the kernel's order
                     tensor for w in self.layers for tensor in (
                         w.input_norm.contiguous(), w.qkv.compact(small),
                         empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(small),
@@ -122,12 +123,13 @@ class FastLlama:
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
         step = attention.current_step()
         tokens = x.shape[0]
-        if (self.decode_kernels is not None and num_layers is None and hidden_rows is None and not step.prefills
+        if (self.decode_kernels is not None and hidden_rows is None and not step.prefills
                 and step.num_decode == tokens <= SMALL_STEP and step.k_cache[0].dtype == torch.float32):
+            layers = len(self.layers) if num_layers is None else num_layers   # fewer: an early-exit draft
             x = self.decode_kernels.decode_layers(
-                x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache,
-                step.v_cache, self.decode_weights[tokens <= BLOCKS_STEP], self.num_heads, self.num_kv_heads,
-                self.head_dim, self.eps, self.scaling)
+                x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache[:layers],
+                step.v_cache[:layers], self.decode_weights[tokens <= BLOCKS_STEP][:WEIGHTS_PER_LAYER * layers],
+                self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
             return self.lm_head(self._rms_norm(x.index_select(0, keep), self.final_norm)), None
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim

@@ -72,7 +72,10 @@ class LoopPoster:
         with self._lock:
             calls, self._calls = self._calls, []
         for function, args in calls:
-            function(*args)
+            try:
+                function(*args)
+            except Exception:   # one sequence's bug must not drop the others' outputs
+                log.exception("delivering an engine output failed")
 
 
 class DecodeOutbox:
@@ -244,6 +247,8 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                 if not outbox.attached and (attaching.done() or self.draining and self._nothing_to_attach()):
                     return
         finally:
+            if attaching.done() and not attaching.cancelled():
+                attaching.exception()   # retrieved: the call itself reports how it ended
             attaching.cancel()
             self.outboxes.discard(outbox)
             for stream in list(outbox.attached):

@@ -94,4 +94,5 @@ class SharedDecode:
 
     def close(self) -> None:
         if self._call is not None:
-            self._call.fail(GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down"))
+            self._call.fail(GatewayError(grpc.StatusCode.UNAVAILABLE,
+                                         f"the gateway closed its connection to the engine at {self._address}"))

@@ -63,7 +63,7 @@ class SharedCall(Generic[Item]):
                 await self.call.write(self._message(items))
         except grpc.aio.AioRpcError as exc:
             self.fail(from_rpc_error(exc, self.service, self.address))
-        except grpc.aio.UsageError:   # the call already ended: the reader says why
+        except asyncio.InvalidStateError:   # the call already ended: the reader says why
             pass
 
     async def _read(self) -> None:

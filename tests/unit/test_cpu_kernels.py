@@ -212,15 +212,17 @@ def test_blocks_that_do_not_match_the_weights_are_not_used(kernels, quantized_ti
 
 
 class _CountingKernels:
-    """The compiled module, recording the rows of every one-call decode step."""
+    """The compiled module, recording the rows and the layers of every one-call decode step."""
 
     def __init__(self, module) -> None:
         self.module = module
         self.rows: list[int] = []
+        self.layers: list[int] = []
 
-    def decode_layers(self, x, *args):
+    def decode_layers(self, x, cos, sin, slots, context, lengths, k_cache, *args):
         self.rows.append(x.shape[0])
-        return self.module.decode_layers(x, *args)
+        self.layers.append(len(k_cache))
+        return self.module.decode_layers(x, cos, sin, slots, context, lengths, k_cache, *args)
 
 
 @needs_kernels
@@ -244,6 +246,27 @@ def test_speculative_chains_take_the_decode_kernel(kernels, tiny_model_dir, toke
             chains += sum(rows > 1 for rows in counting.rows)
         # Guesses were verified, and those steps went through the kernel with more rows than sequences.
         assert engine.spec_draft_tokens > drafts and chains > 0
+        assert engine.stats().kv_blocks_used == 0
+    finally:
+        engine.stop()
+
+
+@needs_kernels
+def test_early_exit_drafts_take_the_decode_kernel(kernels, tiny_model_dir, tokenizer):
+    """The "draft" strategy guesses with the first layers of the model: those passes run in the one-call kernel
+    with fewer layers, and greedy output (every guess verified by the full model) equals plain greedy."""
+    runner = ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
+                         block_size=16, max_model_len=0, small_step_bf16=True)
+    counting = _CountingKernels(runner.fast.decode_kernels)
+    runner.fast.decode_kernels = counting
+    engine = Engine(runner, max_num_seqs=4, max_num_batched_tokens=2048, max_waiting=16, draft_layers=1)
+    engine.start()
+    try:
+        for i, ids in enumerate([[5, 6, 7, 8] * 10, tokenizer("the cat sat on the mat.").input_ids]):
+            plain = _generate(engine, f"plain-{i}", ids, 24)
+            counting.layers.clear()
+            assert _generate(engine, f"draft-{i}", ids, 24, speculative="draft") == plain
+            assert 1 in counting.layers and len(runner.fast.layers) in counting.layers
         assert engine.stats().kv_blocks_used == 0
     finally:
         engine.stop()
