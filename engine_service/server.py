@@ -116,7 +116,7 @@ class OutputStream:
     seq: Sequence | None = None
     outbox: DecodeOutbox | None = None     # the Decode stream it is attached to
     key: int = 0                           # the caller's number for it there
-    finished: bool = False                 # its finish reason reached the step loop's output
+    finished: bool = False                 # its last output was taken for sending
     lease: asyncio.TimerHandle | None = None
     token_ids: list[int] = field(default_factory=list)    # produced, not yet sent
     reason: str = ""
