@@ -24,7 +24,8 @@ class DetokenizeStream:
         return len(self._sequences)
 
     def add(self, sequence: int, token_ids: Sequence[int], final: bool) -> str:
-        """The text these ids complete; raises ValueError for a piece that cannot be taken (and forgets it)."""
+        """The text these ids complete; raises ValueError for a piece that cannot be taken. A sequence whose
+        piece raised is forgotten."""
         detokenizer = self._sequences.get(sequence)
         if detokenizer is None:
             if sequence <= self._highest:
@@ -37,7 +38,7 @@ class DetokenizeStream:
             self._on_live_change(1)
         try:
             text = detokenizer.add(token_ids, final=final)
-        except ValueError:
+        except Exception:
             self._forget(sequence)
             raise
         if final:

@@ -59,6 +59,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 return tokenizer_pb2.DetokenizeResult(text=stream.add(piece.sequence, piece.token_ids, piece.final))
             except ValueError as exc:
                 return tokenizer_pb2.DetokenizeResult(error=str(exc))
+            except Exception as exc:   # a bug: this sequence fails, the stream serves the others on
+                log.exception("detokenize failed")
+                return tokenizer_pb2.DetokenizeResult(error=f"internal error: {type(exc).__name__}: {exc}")
 
     async def TokenTexts(self, request: tokenizer_pb2.TokenTextsRequest,
                          context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenTextsResponse:

@@ -13,6 +13,7 @@ from common.models import resolve_model
 from common.server import start_grpc_server
 from splitserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_service.__main__ import SERVICE_NAME
+from tokenizer_service.detokenize_streams import DetokenizeStream
 from tokenizer_service.server import INLINE_PROMPT_CHARS, TokenizerServicer
 from tokenizer_service.tokenizer import PromptTokenizer
 
@@ -212,3 +213,22 @@ def test_main_serves_on_free_ports_and_stops_on_sigterm(tmp_path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_detokenizer_bug_fails_only_its_own_sequence(prompt_tokenizer: PromptTokenizer) -> None:
+    """Not a bad piece but a bug (any other exception): that piece gets an internal error, its sequence is
+    forgotten, the other sequence of the stream goes on."""
+    class Broken:
+        def add(self, token_ids, final=False):
+            raise RuntimeError("boom")
+
+    made = iter([prompt_tokenizer.detokenizer(), Broken()])
+    live = []
+    stream = DetokenizeStream(lambda: next(made), live.append)
+    hello = prompt_tokenizer.tokenizer("Hello", add_special_tokens=False).input_ids
+    first = TokenizerServicer._detokenize(stream, piece(1, hello))
+    broken = TokenizerServicer._detokenize(stream, piece(2, hello))
+    assert (first.text, first.error) == ("Hello", "")
+    assert broken.error == "internal error: RuntimeError: boom" and stream.live == 1
+    assert TokenizerServicer._detokenize(stream, piece(1, hello, final=True)).text == "Hello"
+    assert stream.live == 0 and sum(live) == 0
