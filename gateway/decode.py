@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from gateway.errors import GatewayError, from_status
+from gateway.errors import GatewayError, deadline_expired, from_status
 from gateway.shared_call import SharedCall
 from splitserve.v1 import engine_pb2, engine_pb2_grpc
 
@@ -22,7 +22,7 @@ class DecodeSequence:
         self._key = key
         self._outputs: asyncio.Queue[engine_pb2.SequenceOutput | GatewayError] = asyncio.Queue()
         self._deadline = None if timeout is None else asyncio.get_running_loop().call_later(
-            timeout, self.deliver, GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired"))
+            timeout, lambda: self.deliver(deadline_expired()))
 
     async def next(self) -> engine_pb2.SequenceOutput:
         output = await self._outputs.get()

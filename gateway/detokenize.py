@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, deadline_expired
 from gateway.shared_call import SharedCall
 from splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -51,29 +51,40 @@ class _DetokenizeCall(SharedCall[tuple[tokenizer_pb2.DetokenizePiece, Reply]]):
 
 class DetokenizeSequence:
     """One generated sequence: `add` returns the text its ids complete. `close` it when the request ends,
-    finished or not, so that the tokenizer forgets it."""
+    finished or not, so that the tokenizer forgets it. The request's deadline is one timer, as in decode.py."""
 
-    def __init__(self, call: _DetokenizeCall, number: int) -> None:
+    def __init__(self, call: _DetokenizeCall, number: int, timeout: float | None) -> None:
         self._call = call
         self._number = number
         self._finished = False
+        self._expired = False
+        self._waiting: asyncio.Future[str] | None = None
+        self._deadline = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self._expire)
 
-    async def add(self, token_ids: Sequence[int], final: bool, timeout: float | None) -> str:
+    async def add(self, token_ids: Sequence[int], final: bool) -> str:
+        if self._expired:
+            raise deadline_expired()
         reply = asyncio.get_running_loop().create_future()
         self._call.send((tokenizer_pb2.DetokenizePiece(sequence=self._number, token_ids=token_ids, final=final),
                          reply))
         self._finished = self._finished or final
-        if timeout is None:
-            return await reply
+        self._waiting = reply
         try:
-            return await asyncio.wait_for(reply, timeout)
-        except TimeoutError:
-            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired") from None
+            return await reply
+        finally:
+            self._waiting = None
 
     def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         if not self._finished and self._call.failure is None:
             self._finished = True
             self._call.send((tokenizer_pb2.DetokenizePiece(sequence=self._number, final=True), None))
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_exception(deadline_expired())
 
 
 class SharedDetokenizer:
@@ -86,11 +97,12 @@ class SharedDetokenizer:
         self._call: _DetokenizeCall | None = None
         self._last_number = 0   # increases across streams, as a stream requires of new sequences
 
-    def sequence(self) -> DetokenizeSequence:
+    def sequence(self, timeout: float | None) -> DetokenizeSequence:
+        """A new sequence; `timeout` (seconds) ends a wait for its text with DEADLINE_EXCEEDED."""
         if self._call is None or self._call.failure is not None:
             self._call = _DetokenizeCall(self._stub.Detokenize(), self._address)
         self._last_number += 1
-        return DetokenizeSequence(self._call, self._last_number)
+        return DetokenizeSequence(self._call, self._last_number, timeout)
 
     def close(self) -> None:
         if self._call is not None:

@@ -11,6 +11,10 @@ class GatewayError(Exception):
         self.message = message
 
 
+def deadline_expired() -> GatewayError:
+    return GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired")
+
+
 def invalid(message: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -24,7 +28,7 @@ def from_status(code: grpc.StatusCode, detail: str, service: str, address: str) 
     if code == grpc.StatusCode.UNAVAILABLE:
         return GatewayError(code, f"the {service} service at {address} is unavailable: {detail}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return GatewayError(code, "the request's deadline expired")
+        return deadline_expired()
     if code == grpc.StatusCode.CANCELLED:
         return GatewayError(code, "the request was cancelled")
     if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):

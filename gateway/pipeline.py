@@ -17,7 +17,7 @@ from common.server import GRPC_OPTIONS
 from gateway import metrics
 from gateway.channels import RECONNECT_OPTIONS, wait_ready
 from gateway.detokenize import SharedDetokenizer
-from gateway.errors import GatewayError, from_rpc_error
+from gateway.errors import GatewayError, deadline_expired, from_rpc_error
 from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
 from gateway.token_texts import TokenTextCache
@@ -91,7 +91,7 @@ def _remaining(deadline: float | None) -> Remaining:
             return None
         left = deadline - time.monotonic()
         if left <= 0:
-            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired")
+            raise deadline_expired()
         return left
     return remaining
 
@@ -148,7 +148,7 @@ class Pipeline:
             # Once the deadline has passed, a downstream call may fail in any way (a stream cut mid-write reports
             # INTERNAL): the cause is the deadline.
             if deadline is not None and time.monotonic() >= deadline and exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired") from exc
+                raise deadline_expired() from exc
             raise
 
     async def _generate(self, request: ValidRequest, remaining: Remaining,
@@ -231,7 +231,7 @@ class Pipeline:
             received = kept = 0           # tokens from the engine; tokens returned (none past a stop string)
             pending_ids: list[int] = []
             pending_logprobs: list[common_pb2.TokenLogprobs] = []
-            detokenize = self.detokenizer.sequence()
+            detokenize = self.detokenizer.sequence(remaining())
             batches = self._token_batches(prefill, completion, remaining)
             try:
                 async for token_ids, reason, logprobs in batches:
@@ -255,7 +255,7 @@ class Pipeline:
                     text, used = "", 0
                     for i, piece in enumerate(pieces):
                         final = bool(reason) and i == len(pieces) - 1
-                        text += stops.feed(await detokenize.add(piece, final, remaining()), final=final)
+                        text += stops.feed(await detokenize.add(piece, final), final=final)
                         used += len(piece)
                         if stops.stopped:
                             break

@@ -232,3 +232,37 @@ def test_a_detokenizer_bug_fails_only_its_own_sequence(prompt_tokenizer: PromptT
     assert broken.error == "internal error: RuntimeError: boom" and stream.live == 1
     assert TokenizerServicer._detokenize(stream, piece(1, hello, final=True)).text == "Hello"
     assert stream.live == 0 and sum(live) == 0
+
+
+def test_the_gateways_shared_detokenizer_keeps_sequences_apart_and_ends_a_wait_at_the_deadline(
+        call, prompt_tokenizer: PromptTokenizer) -> None:
+    """The gateway side of the stream (gateway/detokenize.py) against the real servicer: two sequences sent in
+    the same turn share one message and get their own texts; a sequence whose deadline passes while it waits
+    fails with DEADLINE_EXCEEDED, and the stream serves the others on."""
+    from gateway.detokenize import SharedDetokenizer
+    from gateway.errors import GatewayError
+
+    hello = prompt_tokenizer.tokenizer("Hello", add_special_tokens=False).input_ids
+    world = prompt_tokenizer.tokenizer(" world", add_special_tokens=False).input_ids
+
+    async def scenario(stub: Stub):
+        shared = SharedDetokenizer(stub, "test")
+        first, second = shared.sequence(None), shared.sequence(None)
+        texts = await asyncio.gather(first.add(hello, final=False), second.add(world, final=True))
+        late = shared.sequence(0.0)   # its deadline passes before the tokenizer can answer
+        codes = []
+        for _ in range(2):
+            try:
+                await late.add(hello, final=False)
+            except GatewayError as exc:
+                codes.append(exc.code)
+        late.close()
+        texts.append(await first.add(world, final=True))
+        first.close()
+        second.close()
+        shared.close()
+        return texts, codes
+
+    texts, codes = call(scenario)
+    assert texts == ["Hello", " world", " world"]
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
