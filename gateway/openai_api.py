@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,9 @@ import grpc
 import prometheus_client
 from aiohttp import web
 
+from common.security import ApiKeys
 from gateway.errors import GatewayError
+from gateway.http_guard import guard
 from gateway.openai_reply import Reply
 from gateway.service import GatewayService
 from splitserve.v1 import common_pb2, gateway_pb2
@@ -40,6 +43,7 @@ INT64 = (-(2**63), 2**63 - 1)
 # gRPC status -> HTTP status and OpenAI error type: the one place the two front doors' errors meet.
 HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
@@ -68,7 +72,7 @@ def error_body(code: grpc.StatusCode, message: str, param: str | None = None) ->
 
 def error_response(exc: GatewayError) -> web.Response:
     status, body = error_body(exc.code, exc.message, getattr(exc, "param", None))
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=getattr(exc, "status", status))   # a few errors name their own status
 
 
 # ---- reading OpenAI JSON ---------------------------------------------------------------------------------------
@@ -302,17 +306,22 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 class OpenAIServer:
-    def __init__(self, service: GatewayService, served_model_name: str = "", max_body_bytes: int = 16 * 1024 * 1024,
-                 shutdown_grace: float = 30.0) -> None:
+    def __init__(self, service: GatewayService, served_model_name: str = "", max_body_bytes: int = 2 * 1024 * 1024,
+                 shutdown_grace: float = 30.0, api_keys: ApiKeys = ApiKeys([]), keyed_metrics: bool = False,
+                 ssl_context: ssl.SSLContext | None = None, ready: Callable[[], bool] = lambda: True) -> None:
         self.service = service
         self.served_model_name = served_model_name
         self.created = int(time.time())
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        self.ssl_context = ssl_context
+        self.ready = ready
+        self.app = web.Application(client_max_size=max_body_bytes,
+                                   middlewares=[self._errors, guard(api_keys, keyed_metrics)])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
+            web.get("/health/live", self.live),
             web.get("/metrics", self.metrics),
         ])
         # handler_cancellation: a client that disconnects cancels its handler, which aborts the engine sequence.
@@ -322,7 +331,7 @@ class OpenAIServer:
 
     async def start(self, host: str, port: int) -> int:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
+        site = web.TCPSite(self.runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self.runner.addresses[0][1]
         return self.port
@@ -346,7 +355,7 @@ class OpenAIServer:
             return web.json_response(body, status=exc.status)
         except Exception as exc:  # a bug: say so, keep serving the others
             log.exception("HTTP handler crashed %s", request.path)
-            _, body = error_body(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            _, body = error_body(grpc.StatusCode.INTERNAL, "internal error; the details are in the gateway's log")
             return web.json_response(body, status=500)
 
     async def _model_name(self) -> str:
@@ -419,9 +428,16 @@ class OpenAIServer:
             "root": info.model, "max_model_len": info.max_context_length}]})
 
     async def health(self, request: web.Request) -> web.Response:
+        """Readiness: 200 only while a request could succeed (see gateway/readiness.py)."""
         if self.service.draining:
             return web.json_response({"status": "draining"}, status=503)
+        if not self.ready():
+            return web.json_response({"status": "waiting for the tokenizer and an engine"}, status=503)
         return web.json_response({"status": "ok"})
+
+    async def live(self, request: web.Request) -> web.Response:
+        """Liveness: the process is up and its event loop answers."""
+        return web.json_response({"status": "alive"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=prometheus_client.generate_latest(),

@@ -76,7 +76,8 @@ class GatewayService:
         except Exception as exc:  # a bug: say so, keep serving the others
             code = grpc.StatusCode.INTERNAL
             log.exception("request crashed %s", kv(request_id=request_id))
-            raise GatewayError(code, f"internal error: {type(exc).__name__}: {exc}") from exc
+            raise GatewayError(code, f"internal error while serving request {request_id!r}; the details are in the "
+                                     f"gateway's log") from exc   # never the exception's text: it may hold internals
         finally:
             self.in_flight.discard(request_id)
             metrics.REQUESTS_IN_FLIGHT.dec()

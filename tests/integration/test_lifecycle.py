@@ -78,7 +78,7 @@ def test_engine_down_is_unavailable_not_a_hang(tiny_stack, tmp_path):
     nothing_there = f"127.0.0.1:{Ports.free().engine}"
     lonely = Stack(ports=Ports.free(), log_dir=tmp_path, tokenizer_address=tiny_stack.address("tokenizer"),
                    engine_address=nothing_there)
-    lonely.start_service("gateway", timeout=60)
+    lonely.start_service("gateway", timeout=60, ready=False)   # up, NOT_SERVING: no engine answers
     try:
         with grpc.insecure_channel(lonely.address("gateway")) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
