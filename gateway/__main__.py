@@ -62,6 +62,8 @@ class GatewayConfig:
     tls_client_key: str = field(default="", metadata={"help": "PEM private key of --tls-client-cert"})
     tls_server_name: str = field(default="", metadata={
         "help": "name expected in the upstreams' certificates when it is not their address's host"})
+    stream_write_timeout_seconds: float = field(default=30.0, metadata={
+        "help": "a streaming client that takes no chunk for this long loses its stream (slots and KV freed)"})
     shutdown_grace_seconds: float = field(default=20.0, metadata={
         "help": "on SIGTERM, in-flight requests get this long to finish before they are cancelled"})
     log_level: str = "INFO"
@@ -86,7 +88,7 @@ async def serve(config: GatewayConfig) -> None:
                     max_output_tokens=config.max_output_tokens)
     gateway = GatewayService(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
                              config.request_timeout_seconds or None)
-    servicer = GatewayServicer(gateway)
+    servicer = GatewayServicer(gateway, config.stream_write_timeout_seconds)
     service = await start_grpc_server(
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
         ["splitserve.v1.Gateway"], config.host, config.port, config.metrics_port, config.max_message_bytes,
@@ -95,7 +97,8 @@ async def serve(config: GatewayConfig) -> None:
     readiness.start()
     http = OpenAIServer(gateway, config.served_model_name, config.max_message_bytes, config.shutdown_grace_seconds,
                         api_keys=config.keys, keyed_metrics=config.keyed_metrics,
-                        ssl_context=config.tls.server_ssl_context(), ready=lambda: readiness.ready)
+                        ssl_context=config.tls.server_ssl_context(), ready=lambda: readiness.ready,
+                        write_timeout=config.stream_write_timeout_seconds)
     if config.http_port >= 0:
         http_port = await http.start(config.host, config.http_port)
         log.info("serving the OpenAI API %s", kv(http_port=http_port, tls=config.tls.serves_tls))

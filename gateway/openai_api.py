@@ -31,6 +31,7 @@ from common.security import ApiKeys
 from gateway.errors import GatewayError
 from gateway.http_guard import guard
 from gateway.openai_reply import Reply
+from gateway.writes import StalledClient, write_bounded
 from gateway.service import GatewayService
 from splitserve.v1 import common_pb2, gateway_pb2
 
@@ -308,8 +309,10 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 class OpenAIServer:
     def __init__(self, service: GatewayService, served_model_name: str = "", max_body_bytes: int = 2 * 1024 * 1024,
                  shutdown_grace: float = 30.0, api_keys: ApiKeys = ApiKeys([]), keyed_metrics: bool = False,
-                 ssl_context: ssl.SSLContext | None = None, ready: Callable[[], bool] = lambda: True) -> None:
+                 ssl_context: ssl.SSLContext | None = None, ready: Callable[[], bool] = lambda: True,
+                 write_timeout: float = 30.0) -> None:
         self.service = service
+        self.write_timeout = write_timeout
         self.served_model_name = served_model_name
         self.created = int(time.time())
         self.ssl_context = ssl_context
@@ -405,19 +408,26 @@ class OpenAIServer:
             response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-cache"})
             await response.prepare(request)
+
+            async def send(event: Any) -> None:
+                await write_bounded(response.write(_sse(event)), self.write_timeout, request_id)
+
             try:
-                for event in reply.deltas(first, include_usage):
-                    await response.write(_sse(event))
-                async for chunk in chunks:
-                    for event in reply.deltas(chunk, include_usage):
-                        await response.write(_sse(event))
-                if include_usage:
-                    await response.write(_sse(reply.usage_event()))
-            except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
-                _, error = error_body(exc.code, exc.message)
-                await response.write(_sse(error))
-            await response.write(_sse("[DONE]"))
-            await response.write_eof()
+                try:
+                    for event in reply.deltas(first, include_usage):
+                        await send(event)
+                    async for chunk in chunks:
+                        for event in reply.deltas(chunk, include_usage):
+                            await send(event)
+                    if include_usage:
+                        await send(reply.usage_event())
+                except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
+                    await send(error_body(exc.code, exc.message)[1])
+                await send("[DONE]")
+                await response.write_eof()
+            except StalledClient:   # nothing more can reach it: drop the connection (the request is aborted)
+                if request.transport is not None:
+                    request.transport.abort()
             return response
 
     async def models(self, request: web.Request) -> web.Response:

@@ -59,7 +59,7 @@ class GatewayService:
                                    f"request_id {valid.request_id!r} is already in flight")
             request_id = valid.request_id
             self.in_flight.add(request_id)
-            async with self.admission.slot(deadline, weight=valid.n):   # one slot per engine sequence
+            async with self.admission.slot(deadline, weight=valid.sequences):   # one slot per engine sequence
                 async with aclosing(self.pipeline.generate(valid, deadline)) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason:

@@ -42,6 +42,11 @@ class ValidRequest:
     limits: Limits = Limits()
     n: int = 1                               # completions: one engine sequence each (sampling.n is cleared)
 
+    @property
+    def sequences(self) -> int:
+        """Engine sequences it occupies at once: its completions, or its beams (what admission counts)."""
+        return max(self.n, self.sampling.num_beams)
+
 
 def _finite(name: str, value: float) -> None:
     if not math.isfinite(value):
