@@ -3,6 +3,7 @@ cross-site POSTs and oversized bodies refused, and readiness that says SERVING o
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from common.security import TlsFiles, sync_channel
 from common.stack import Ports, Stack
 from tests.helpers import make_request, prompt_ids, reference_greedy, rpc_error, start_extra_gateway, stream
 from tests.integration.test_lifecycle import wait_until
-from splitserve.v1 import gateway_pb2_grpc
+from splitserve.v1 import engine_pb2, gateway_pb2_grpc
 
 KEY, OTHER_KEY = "sk-test-0123456789", "sk-second-key"
 
@@ -226,3 +227,54 @@ def test_the_gateway_is_ready_only_while_a_tokenizer_and_an_engine_answer(tiny_m
         assert wait_until(lambda: health(gateway) == "SERVING", timeout=120)
     finally:
         stack.stop()
+
+
+# ---- clients that stop reading --------------------------------------------------------------------------------
+
+def stalled_http_client(port: int, body: bytes) -> socket.socket:
+    """Sends a streaming request over a socket with a tiny receive buffer, then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return sock
+
+
+def test_clients_that_stop_reading_lose_their_streams_and_free_slots_and_kv(tiny_stack, engine, tmp_path):
+    """20 HTTP and 20 gRPC streams of n=16 that are never read: each write waits at most the write timeout, then
+    the stream is dropped and its 16 sequences aborted; a normal request is served meanwhile."""
+    extra = start_extra_gateway(tiny_stack, tmp_path / "logs", ["--stream-write-timeout-seconds", "2"])
+    idle = engine.GetStats(engine_pb2.GetStatsRequest())
+    metrics = f"http://127.0.0.1:{extra.ports.gateway_http}/metrics"
+    body = json.dumps({"prompt": "a very long story:", "max_tokens": 1900, "n": 16, "stream": True,
+                       "temperature": 1.0, "ignore_eos": True}).encode()
+    stalled_channel = grpc.insecure_channel(extra.address("gateway"))
+    try:
+        sockets = [stalled_http_client(extra.ports.gateway_http, body) for _ in range(20)]
+        stub = gateway_pb2_grpc.GatewayStub(stalled_channel)
+        calls = [stub.Generate(make_request("a very long story:", max_tokens=1900, n=16, temperature=1.0,
+                                            ignore_eos=True)) for _ in range(20)]
+        with grpc.insecure_channel(extra.address("gateway")) as channel:   # its own connection: not stalled
+            normal = stream(gateway_pb2_grpc.GatewayStub(channel), make_request("hello", max_tokens=4), timeout=600)
+        assert normal.last.finish_reason in ("stop", "length")
+
+        def stalled() -> float:
+            return scrape_url(metrics).get("splitserve_stalled_clients_total", 0.0)
+
+        assert wait_until(lambda: stalled() == 40, timeout=600), stalled()
+        assert wait_until(lambda: scrape_url(metrics)["splitserve_requests_in_flight"] == 0, timeout=60)
+        assert wait_until(lambda: engine.GetStats(engine_pb2.GetStatsRequest()) == idle, timeout=60)
+        for call in calls:
+            assert call.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+        for sock in sockets:
+            sock.close()
+    finally:
+        stalled_channel.close()
+        extra.stop()
+
+
+def scrape_url(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and line[0] != "#"}
