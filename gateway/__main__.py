@@ -45,6 +45,10 @@ class GatewayConfig:
     max_prompt_chars: int = field(default=1_000_000, metadata={"help": "characters of prompt or messages at most"})
     max_prompt_tokens: int = field(default=0, metadata={"help": "prompt tokens at most (0: the model's context)"})
     max_output_tokens: int = field(default=0, metadata={"help": "max_tokens at most (0: the model's context)"})
+    max_messages: int = field(default=2048, metadata={"help": "chat messages per request at most"})
+    max_stop_token_ids: int = field(default=128, metadata={"help": "stop_token_ids per request at most"})
+    max_output_budget: int = field(default=262_144, metadata={
+        "help": "n x max_tokens x (1 + logprobs) per request at most (bounds one reply's size); 0: no limit"})
     max_message_bytes: int = field(default=2 * 1024 * 1024, metadata={
         "help": "largest gRPC message / HTTP body accepted (as TGI's 2 MB payload limit)"})
     max_concurrent_rpcs: int = field(default=4096, metadata={
@@ -85,7 +89,8 @@ async def serve(config: GatewayConfig) -> None:
                                        balance_slack=config.router_balance_slack), config.upstream_tls)
     limits = Limits(max_stop_strings=config.max_stop_strings, max_stop_string_chars=config.max_stop_string_chars,
                     max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens,
-                    max_output_tokens=config.max_output_tokens)
+                    max_output_tokens=config.max_output_tokens, max_messages=config.max_messages,
+                    max_stop_token_ids=config.max_stop_token_ids, max_output_budget=config.max_output_budget)
     gateway = GatewayService(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
                              config.request_timeout_seconds or None)
     servicer = GatewayServicer(gateway, config.stream_write_timeout_seconds)

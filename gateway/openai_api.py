@@ -56,6 +56,7 @@ HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
 INTERNAL = (500, "internal_error")
+STREAM_WRITE_BUFFER_BYTES = 16 * 1024
 
 
 class ParamError(GatewayError):
@@ -408,6 +409,8 @@ class OpenAIServer:
             response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-cache"})
             await response.prepare(request)
+            if request.transport is not None:   # a client that stops reading makes the gateway hold 16 KiB at most
+                request.transport.set_write_buffer_limits(high=STREAM_WRITE_BUFFER_BYTES)
 
             async def send(event: Any) -> None:
                 await write_bounded(response.write(_sse(event)), self.write_timeout, request_id)

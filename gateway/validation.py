@@ -30,6 +30,9 @@ class Limits:
     max_prompt_chars: int = 1_000_000
     max_prompt_tokens: int = 0          # 0: only the model's context limits the prompt
     max_output_tokens: int = 0          # 0: only the context limits max_tokens
+    max_messages: int = 2048            # chat messages per request
+    max_stop_token_ids: int = 128       # also keeps beam search's candidates (1 + ids) x beams below the vocabulary
+    max_output_budget: int = 262_144    # n x max_tokens x (1 + logprobs): bounds what one reply holds; 0: none
 
 
 @dataclass
@@ -48,6 +51,11 @@ class ValidRequest:
         return max(self.n, self.sampling.num_beams)
 
 
+def clip(text: str, chars: int = 40) -> str:
+    """A user's string as it may be echoed in an error message or a log: short."""
+    return text if len(text) <= chars else text[:chars] + "..."
+
+
 def _finite(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise invalid(f"{name} must be a finite number, got {value}")
@@ -62,10 +70,13 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
         raise invalid(f"the prompt has {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}")
     messages = None
     if has_messages:
+        if len(request.messages) > limits.max_messages:
+            raise invalid(f"the request has {len(request.messages)} messages; at most {limits.max_messages} "
+                          f"are allowed")
         messages = []
         for i, message in enumerate(request.messages):
             if message.role not in CHAT_ROLES:
-                raise invalid(f"messages[{i}].role is {message.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+                raise invalid(f"messages[{i}].role is {clip(message.role)!r}; expected one of {', '.join(CHAT_ROLES)}")
             messages.append((message.role, message.content))
         if sum(len(content) for _, content in messages) > limits.max_prompt_chars:
             raise invalid(f"the messages exceed {limits.max_prompt_chars} characters")
@@ -95,6 +106,9 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
         if not -2 <= getattr(params, name) <= 2:
             raise invalid(f"sampling.{name} must be in [-2, 2], got {getattr(params, name)}")
     _check_decoding(params)
+    if len(params.stop_token_ids) > limits.max_stop_token_ids:
+        raise invalid(f"sampling.stop_token_ids has {len(params.stop_token_ids)} ids; at most "
+                      f"{limits.max_stop_token_ids} are allowed")
     if any(token < 0 for token in params.stop_token_ids):
         raise invalid("sampling.stop_token_ids must be non-negative token ids")
     if len(params.stop) > limits.max_stop_strings:
@@ -129,6 +143,12 @@ def fit_max_tokens(valid: ValidRequest, prompt_tokens: int, context: int, vocab_
     elif params.max_tokens > room:
         raise invalid(f"max_tokens {params.max_tokens} plus the prompt's {prompt_tokens} tokens exceed this model's "
                       f"context of {context} tokens (at most {room} output tokens fit)")
+    budget = valid.limits.max_output_budget
+    alternatives = 1 + (params.logprobs if params.HasField("logprobs") else 0)
+    if budget and valid.n * params.max_tokens * alternatives > budget:
+        raise invalid(f"the request asks for up to {valid.n * params.max_tokens * alternatives} tokens and "
+                      f"alternatives (n {valid.n} x max_tokens {params.max_tokens} x (1 + logprobs "
+                      f"{alternatives - 1})); this server allows {budget} per request: ask for fewer")
     if any(token >= vocab_size for token in params.stop_token_ids):
         raise invalid(f"sampling.stop_token_ids must be below the vocabulary size {vocab_size}")
     if any(token >= vocab_size for token in params.logit_bias):

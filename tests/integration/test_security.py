@@ -244,12 +244,15 @@ def stalled_http_client(port: int, body: bytes) -> socket.socket:
 def test_clients_that_stop_reading_lose_their_streams_and_free_slots_and_kv(tiny_stack, engine, tmp_path):
     """20 HTTP and 20 gRPC streams of n=16 that are never read: each write waits at most the write timeout, then
     the stream is dropped and its 16 sequences aborted; a normal request is served meanwhile."""
-    extra = start_extra_gateway(tiny_stack, tmp_path / "logs", ["--stream-write-timeout-seconds", "2"])
+    extra = start_extra_gateway(tiny_stack, tmp_path / "logs", ["--stream-write-timeout-seconds", "2",
+                                                                "--max-concurrent-requests", "1024"])
     idle = engine.GetStats(engine_pb2.GetStatsRequest())
     metrics = f"http://127.0.0.1:{extra.ports.gateway_http}/metrics"
     body = json.dumps({"prompt": "a very long story:", "max_tokens": 1900, "n": 16, "stream": True,
                        "temperature": 1.0, "ignore_eos": True}).encode()
-    stalled_channel = grpc.insecure_channel(extra.address("gateway"))
+    # a small receive window (as a slow phone's), so that the streams stall after a few tokens
+    stalled_channel = grpc.insecure_channel(extra.address("gateway"), options=[
+        ("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
     try:
         sockets = [stalled_http_client(extra.ports.gateway_http, body) for _ in range(20)]
         stub = gateway_pb2_grpc.GatewayStub(stalled_channel)

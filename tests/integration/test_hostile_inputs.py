@@ -1,0 +1,112 @@
+"""Hostile inputs at the public gateway, each refused with a 4xx / INVALID_ARGUMENT / RESOURCE_EXHAUSTED that names
+the problem (never INTERNAL, never a long echo of the input), while the server keeps serving the next request and
+the streams already running."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from tests.helpers import make_request, rpc_error, stream
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def unlimited_stub(tiny_stack):
+    """A client that would send any size (the server's own limits must refuse it)."""
+    with grpc.insecure_channel(tiny_stack.address("gateway"), options=[("grpc.max_send_message_length", -1)]) as ch:
+        yield gateway_pb2_grpc.GatewayStub(ch)
+
+
+def post(tiny_stack, body: dict | bytes) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{tiny_stack.ports.gateway_http}/v1/chat/completions",
+                                     data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def still_serving(stub) -> None:
+    assert stream(stub, make_request("hello", max_tokens=2)).last.finish_reason in ("stop", "length")
+
+
+def chat(content: str = "hi", **sampling) -> gateway_pb2.GenerateRequest:
+    return make_request([("user", content)], max_tokens=4, **sampling)
+
+
+def test_200000_stop_token_ids_are_refused_on_both_apis(unlimited_stub, tiny_stack):
+    error = rpc_error(lambda: unlimited_stub.Generate(chat(stop_token_ids=list(range(200_000))), timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop_token_ids" in error.details()
+    status, reply = post(tiny_stack, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                      "stop_token_ids": list(range(200_000))})
+    assert status in (400, 413), reply
+    still_serving(unlimited_stub)
+
+
+def test_30000_stop_token_ids_with_four_beams_are_refused_not_internal(unlimited_stub):
+    error = rpc_error(lambda: unlimited_stub.Generate(chat(stop_token_ids=list(range(30_000)), num_beams=4),
+                                                      timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop_token_ids" in error.details()
+    still_serving(unlimited_stub)
+
+
+def test_500000_empty_messages_are_refused_while_a_running_stream_keeps_streaming(unlimited_stub, tiny_stack):
+    running = unlimited_stub.Generate(make_request("a story:", max_tokens=400, ignore_eos=True), timeout=600)
+    first = next(running)
+    many = gateway_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=2))
+    many.messages.extend(common_pb2.ChatMessage(role="user") for _ in range(500_000))
+    error = rpc_error(lambda: unlimited_stub.Generate(many, timeout=60))
+    assert error.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT), error.details()
+    status, _ = post(tiny_stack, {"messages": [{"role": "user", "content": ""}] * 500_000, "max_tokens": 2})
+    assert status in (400, 413)
+    rest = list(running)
+    assert len(first.token_ids) + sum(len(chunk.token_ids) for chunk in rest) == 400
+    # under the size limit, the message count limit answers
+    fewer = gateway_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(max_tokens=2))
+    fewer.messages.extend(common_pb2.ChatMessage(role="user") for _ in range(3000))
+    error = rpc_error(lambda: unlimited_stub.Generate(fewer, timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "3000 messages" in error.details()
+    still_serving(unlimited_stub)
+
+
+def test_a_10000_character_role_is_refused_without_echoing_it(unlimited_stub, tiny_stack):
+    role = "r" * 10_000
+    error = rpc_error(lambda: unlimited_stub.Generate(make_request([(role, "hi")], max_tokens=2), timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "role" in error.details()
+    assert len(error.details()) < 300
+    status, reply = post(tiny_stack, {"messages": [{"role": role, "content": "hi"}], "max_tokens": 2})
+    assert status == 400 and len(reply["error"]["message"]) < 300
+    still_serving(unlimited_stub)
+
+
+def test_an_output_larger_than_the_budget_is_refused(unlimited_stub, tiny_stack):
+    status, reply = post(tiny_stack, {"messages": [{"role": "user", "content": "hi"}], "n": 16, "max_tokens": 1900,
+                                      "logprobs": True, "top_logprobs": 20})
+    assert status == 400 and "per request" in reply["error"]["message"]
+    status, _ = post(tiny_stack, {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 3,
+                                  "logprobs": True, "top_logprobs": 20})
+    assert status == 200
+
+
+def test_many_hostile_requests_at_once_leave_the_server_serving(unlimited_stub):
+    """Refusals from many threads at once: none is INTERNAL, and the next normal request is served."""
+    codes: list[grpc.StatusCode] = []
+
+    def hostile(i: int) -> None:
+        request = chat(stop_token_ids=list(range(10_000))) if i % 2 else make_request([("x" * 5000, "hi")])
+        codes.append(rpc_error(lambda: unlimited_stub.Generate(request, timeout=60)).code())
+
+    threads = [threading.Thread(target=hostile, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
+    still_serving(unlimited_stub)
