@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import time
 import uuid
@@ -56,7 +57,18 @@ HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
 INTERNAL = (500, "internal_error")
-STREAM_WRITE_BUFFER_BYTES = 16 * 1024
+STREAM_BUFFER_BYTES = 64 * 1024
+
+
+def bound_stream_buffers(request: web.Request) -> None:
+    """A client that stops reading a stream makes the gateway's writes wait after ~64 KiB, not after the kernel's
+    autotuned send buffer (megabytes, thousands of events), so the write timeout notices it within seconds."""
+    if request.transport is None:
+        return
+    request.transport.set_write_buffer_limits(high=STREAM_BUFFER_BYTES)
+    sock = request.transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER_BYTES)
 
 
 class ParamError(GatewayError):
@@ -409,8 +421,7 @@ class OpenAIServer:
             response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-cache"})
             await response.prepare(request)
-            if request.transport is not None:   # a client that stops reading makes the gateway hold 16 KiB at most
-                request.transport.set_write_buffer_limits(high=STREAM_WRITE_BUFFER_BYTES)
+            bound_stream_buffers(request)
 
             async def send(event: Any) -> None:
                 await write_bounded(response.write(_sse(event)), self.write_timeout, request_id)
