@@ -26,6 +26,7 @@ import grpc
 import prometheus_client
 from aiohttp import web
 
+from common.decoding import greedy_only_strategy
 from gateway.errors import GatewayError
 from gateway.openai_reply import Reply
 from gateway.service import GatewayService
@@ -202,10 +203,6 @@ def _extensions(body: dict[str, Any], params: common_pb2.SamplingParams) -> None
             setattr(params, name, value)
 
 
-def _greedy_strategy(params: common_pb2.SamplingParams) -> bool:
-    return params.num_beams > 1 or params.penalty_alpha > 0 or params.speculative == "lookahead"
-
-
 def sampling_from(body: dict[str, Any], chat: bool) -> common_pb2.SamplingParams:
     """OpenAI's (and vLLM's extra, and splitserve's decoding) fields -> SamplingParams; ranges and combinations
     are checked by gateway.validation."""
@@ -218,7 +215,7 @@ def sampling_from(body: dict[str, Any], chat: bool) -> common_pb2.SamplingParams
     _extensions(body, params)
     temperature = _float(body, "temperature")
     if temperature is None:   # OpenAI's default, unless the strategy is greedy only
-        temperature = 0.0 if _greedy_strategy(params) else OPENAI_DEFAULT_TEMPERATURE
+        temperature = 0.0 if greedy_only_strategy(params) else OPENAI_DEFAULT_TEMPERATURE
     params.temperature = temperature
     for name in ("top_p", "repetition_penalty"):
         value = _float(body, name)
