@@ -164,7 +164,7 @@ def test_greedy_logprobs_are_the_models_own(gateway, tiny_model, tokenizer):
     with torch.inference_mode():
         logits = tiny_model(torch.tensor([ids + got.token_ids])).logits[0].float()
     reference = torch.log_softmax(logits[len(ids) - 1: -1], dim=-1)
-    texts = TokenTexts(tokenizer)
+    texts = TokenTexts(tokenizer.backend_tokenizer)
     for position, lp in enumerate(entries):
         assert len(lp.top) == 5
         assert lp.top[0].token_id == lp.token_id and lp.top[0].token == lp.token   # greedy: the most likely
