@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API, served by aiohttp on the gateway's event loop beside the gRPC server.
 
 One implementation, two front doors: each handler turns OpenAI JSON into the public `GenerateRequest`, and runs it
-through the same `GatewayService.generate` as the gRPC API (same validation, limits, pipeline and metrics).
+through the same `FrontDoor.generate` as the gRPC API (same validation, limits, pipeline and metrics).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (server-sent events with `"stream": true`), GET /v1/models,
 GET /health, GET /metrics. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`; the status
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
@@ -29,7 +28,8 @@ from aiohttp import web
 from common.decoding import greedy_only_strategy
 from gateway.errors import GatewayError
 from gateway.openai_reply import Reply
-from gateway.service import GatewayService
+from gateway.front_door import FrontDoor
+from gateway.validation import assign_request_id
 from splitserve.v1 import common_pb2, gateway_pb2
 
 log = logging.getLogger("splitserve.gateway.http")
@@ -299,7 +299,7 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 class OpenAIServer:
-    def __init__(self, service: GatewayService, served_model_name: str = "", max_body_bytes: int = 16 * 1024 * 1024,
+    def __init__(self, service: FrontDoor, served_model_name: str = "", max_body_bytes: int = 16 * 1024 * 1024,
                  shutdown_grace: float = 30.0) -> None:
         self.service = service
         self.served_model_name = served_model_name
@@ -373,8 +373,8 @@ class OpenAIServer:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await self._body(request)
-        request_id = request.headers.get("X-Request-Id", "") or uuid.uuid4().hex
-        generate = generate_request(body, chat, request_id)
+        generate = generate_request(body, chat, request.headers.get("X-Request-Id", ""))
+        request_id = assign_request_id(generate)
         stream = bool(_bool(body, "stream"))
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):

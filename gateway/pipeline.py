@@ -1,6 +1,6 @@
 """One request's path: tokenize -> prefill -> decode stream -> detokenize stream, with stop strings, deadlines,
 cancellation and the per-phase timings; with n > 1, one engine sequence per completion, their chunks merged.
-Both front doors (through gateway/service.py) iterate `Pipeline.generate`."""
+Both front doors (through gateway/front_door.py) iterate `Pipeline.generate`."""
 from __future__ import annotations
 
 import asyncio
@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from common.logs import kv
-from common.server import GRPC_OPTIONS
 from gateway import metrics
-from gateway.channels import RECONNECT_OPTIONS, wait_ready
+from gateway.channels import CHANNEL_OPTIONS, wait_ready
 from gateway.detokenize import SharedDetokenizer
 from gateway.errors import GatewayError, deadline_expired, from_rpc_error
 from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
-from gateway.token_texts import TokenTextCache
+from gateway.token_text_cache import TokenTextCache
 from gateway.validation import ValidRequest, fit_max_tokens
 from splitserve.v1 import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -101,8 +100,7 @@ class Pipeline:
                  router_settings: RouterSettings = RouterSettings()) -> None:
         self.tokenizer_address = tokenizer_address
         self.engine_address = engine_address
-        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address,
-                                                            options=[*GRPC_OPTIONS, *RECONNECT_OPTIONS])
+        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=CHANNEL_OPTIONS)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.token_texts = TokenTextCache(self.tokenizer, tokenizer_address)
         self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address)

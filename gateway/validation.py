@@ -41,6 +41,14 @@ class ValidRequest:
     n: int = 1                               # completions: one engine sequence each (sampling.n is cleared)
 
 
+def assign_request_id(request: gateway_pb2.GenerateRequest) -> str:
+    """The request's id: the client's, else a new one, written into the request so that both front doors answer
+    with it (gRPC: in each chunk; HTTP: the reply's id and X-Request-Id). The one place an id is made."""
+    if not request.request_id:
+        request.request_id = uuid.uuid4().hex
+    return request.request_id
+
+
 def _finite(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise invalid(f"{name} must be a finite number, got {value}")
@@ -62,7 +70,7 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
             messages.append((message.role, message.content))
         if sum(len(content) for _, content in messages) > limits.max_prompt_chars:
             raise invalid(f"the messages exceed {limits.max_prompt_chars} characters")
-    request_id = request.request_id or uuid.uuid4().hex
+    request_id = assign_request_id(request)
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise invalid(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
 

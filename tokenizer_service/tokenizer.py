@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Tokenizer
 from common.chat import CHAT_ROLES
 from tokenizer_service.chat_template import ChatTemplate
 from tokenizer_service.detokenizer import IncrementalDetokenizer
-from tokenizer_service.token_texts import TokenTexts
+from tokenizer_service.token_bytes import TokenTexts
 
 log = logging.getLogger("splitserve.tokenizer")
 

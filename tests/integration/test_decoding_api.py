@@ -16,7 +16,7 @@ from tests.helpers import make_request, prompt_ids, rpc_error, start_extra_gatew
 from tests.integration.test_lifecycle import scrape, wait_until
 from tests.unit.test_validation import INVALID_DECODING
 from splitserve.v1 import engine_pb2, gateway_pb2_grpc
-from tokenizer_service.token_texts import TokenTexts
+from tokenizer_service.token_bytes import TokenTexts
 
 PROMPT = "Once upon a time, in a land far away,"
 

@@ -13,7 +13,7 @@ from common.models import resolve_model
 from common.server import start_grpc_server
 from splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_service.server import TokenizerServicer
-from tokenizer_service.token_texts import TokenTexts, show
+from tokenizer_service.token_bytes import TokenTexts, show
 from tokenizer_service.tokenizer import PromptTokenizer
 
 
