@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from common.logs import kv
 from common.server import run_service, run_until_signal, start_grpc_server
 from gateway.admission import Admission
-from gateway.openai_api import OpenAIServer
+from gateway.openai.server import OpenAIServer
 from gateway.pipeline import Pipeline
 from gateway.router import RouterSettings
 from gateway.front_door import FrontDoor
