@@ -48,9 +48,9 @@ FEATURES_TEMPLATE = """{{ bos_token }}
 {{ ns.count }} messages, year {{ strftime_now('%Y') }}
 {% if add_generation_prompt %}assistant:{% endif %}
 {% if messages[0]['role'] == 'assistant' %}{{ raise_exception('the first message must not be the assistant') }}{% endif %}"""
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Wetter für eine Stadt 🌦",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                          "required": ["city"]}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Wetter für eine Stadt 🌦",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
 @pytest.fixture(scope="module")
