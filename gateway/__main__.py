@@ -9,12 +9,12 @@ from common.logs import kv
 from common.security import ApiKeys, TlsFiles, is_loopback
 from common.server import run_service, run_until_signal, start_grpc_server
 from gateway.admission import Admission
-from gateway.openai_api import OpenAIServer
+from gateway.openai.server import OpenAIServer
 from gateway.pipeline import Pipeline
 from gateway.readiness import Readiness
 from gateway.router import RouterSettings
-from gateway.server import GatewayServicer
-from gateway.service import GatewayService
+from gateway.front_door import FrontDoor
+from gateway.grpc_server import GatewayServicer
 from gateway.validation import Limits
 from splitserve.v1 import gateway_pb2_grpc
 
@@ -91,7 +91,7 @@ async def serve(config: GatewayConfig) -> None:
                     max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens,
                     max_output_tokens=config.max_output_tokens, max_messages=config.max_messages,
                     max_stop_token_ids=config.max_stop_token_ids, max_output_budget=config.max_output_budget)
-    gateway = GatewayService(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
+    gateway = FrontDoor(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
                              config.request_timeout_seconds or None)
     servicer = GatewayServicer(gateway, config.stream_write_timeout_seconds)
     service = await start_grpc_server(

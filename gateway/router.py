@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.logs import kv
 from common.security import TlsFiles, aio_channel
-from common.server import GRPC_OPTIONS
+from gateway.channels import CHANNEL_OPTIONS
 from gateway.decode import SharedDecode
 from gateway.errors import GatewayError
 from splitserve.v1 import engine_pb2, engine_pb2_grpc
@@ -34,13 +34,6 @@ log = logging.getLogger("splitserve.gateway.router")
 
 ENGINE_SERVICE = "splitserve.v1.Engine"
 DNS_SCHEME = "dns:///"
-# A restarted engine is found again within seconds, not after gRPC's default backoff of up to two minutes.
-ENGINE_CHANNEL_OPTIONS = [
-    *GRPC_OPTIONS,
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 @dataclass(frozen=True)
@@ -135,7 +128,7 @@ class EngineEndpoint:
 
     def __init__(self, address: str, tls: TlsFiles | None = None) -> None:
         self.address = address
-        self.channel = aio_channel(address, tls, ENGINE_CHANNEL_OPTIONS)
+        self.channel = aio_channel(address, tls, CHANNEL_OPTIONS)
         self.stub = engine_pb2_grpc.EngineStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.decode = SharedDecode(self.stub, address)   # the Decode stream of all requests on it

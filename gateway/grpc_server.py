@@ -1,4 +1,4 @@
-"""The public Gateway gRPC servicer: protobuf in and out around GatewayService; GatewayError -> gRPC status."""
+"""The public Gateway gRPC servicer: protobuf in and out around the FrontDoor; GatewayError -> gRPC status."""
 from __future__ import annotations
 
 import time
@@ -7,13 +7,13 @@ from contextlib import aclosing
 import grpc
 
 from gateway.errors import GatewayError
-from gateway.service import GatewayService
+from gateway.front_door import FrontDoor
 from gateway.writes import StalledClient, write_bounded
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, service: GatewayService, write_timeout: float = 30.0) -> None:
+    def __init__(self, service: FrontDoor, write_timeout: float = 30.0) -> None:
         self.service = service
         self.write_timeout = write_timeout
 
