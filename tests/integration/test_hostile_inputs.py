@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from tests.helpers import make_request, rpc_error, stream
-from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,16 @@ def test_many_hostile_requests_at_once_leave_the_server_serving(unlimited_stub):
         thread.join()
     assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
     still_serving(unlimited_stub)
+
+
+def test_the_tokenizer_port_bounds_messages_and_roles_itself(tiny_stack):
+    """The tokenizer is reachable by any internal caller: its own limits, not only the gateway's."""
+    with grpc.insecure_channel(tiny_stack.address("tokenizer")) as channel:
+        stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        many = tokenizer_pb2.TokenizeRequest(messages=[common_pb2.ChatMessage(role="user")] * 500_000)
+        error = rpc_error(lambda: stub.Tokenize(many, timeout=120))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "500000 messages" in error.details()
+        long_role = tokenizer_pb2.TokenizeRequest(messages=[common_pb2.ChatMessage(role="r" * 10_000, content="x")])
+        error = rpc_error(lambda: stub.Tokenize(long_role, timeout=60))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.details()) < 300
+        assert stub.Tokenize(tokenizer_pb2.TokenizeRequest(prompt="hello"), timeout=60).token_ids
