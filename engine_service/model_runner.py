@@ -211,7 +211,8 @@ class ModelRunner:
                     tree_mask = torch.tensor(c.tree.mask, dtype=torch.bool)
                     mask = torch.cat([torch.ones(n, c.start, dtype=torch.bool), tree_mask], dim=1).to(device)
                 context_slots = context_slots.to(device)
-            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots, mask))
+            tree_offsets = None if c.tree is None else torch.tensor(c.tree.offsets, dtype=torch.long).to(device)
+            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots, mask, tree_offsets))
             if c.tree is not None:
                 tree_rows.append((c, len(tree_keep), n))
                 tree_keep.extend(range(offset, offset + n))
