@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -22,7 +21,7 @@ from engine_service.inbox import EngineFullError, Inbox
 from engine_service.model_runner import ModelRunner, StepOutput
 from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
-from engine_service.scheduler import ScheduledChunk, Scheduler
+from engine_service.scheduler import EngineStats, ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
 
 log = logging.getLogger("splitserve.engine")
@@ -33,14 +32,6 @@ class RequestError(ValueError):
 
 
 __all__ = ["Engine", "EngineFullError", "EngineStats", "RequestError"]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    kv_blocks_total: int
-    kv_blocks_used: int
 
 
 class Engine:
@@ -57,6 +48,8 @@ class Engine:
         self.draft_layers = max(0, min(num_layers // 4 if draft_layers < 0 else draft_layers, num_layers - 1))
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens, runner.cache.scratch_slots)
         self.sampler = Sampler(runner.device)
+        # The Step's plain parts (engine_service.decoding.base) are the runner's and the block manager's own.
+        self.forward, self.fork, self.free = runner.forward, runner.fork, self.scheduler.blocks.free
         self.guesses_verified = 0           # guessed tokens that speculative and lookahead steps verified
         self.guesses_accepted = 0           # tokens those steps produced beyond the first
         self._inbox = Inbox(max_waiting)
@@ -94,9 +87,7 @@ class Engine:
         self._inbox.abort(request_id)
 
     def stats(self) -> EngineStats:
-        blocks = self.scheduler.blocks
-        return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                           kv_blocks_total=blocks.num_blocks, kv_blocks_used=blocks.num_used)
+        return self.scheduler.stats()
 
     # -- the loop thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -144,8 +135,7 @@ class Engine:
                 except Exception as exc:
                     log.error("sequence failed %s", kv(request_id=request_id, error=repr(exc)))
                     self.finish(self._live.get(request_id, request_chunks[0].seq), "error")
-        metrics.STEP_SECONDS.labels(kind=_step_kind(chunks)).observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.observe(len(chunks))
+        metrics.observe_step(sum(1 for c in chunks if c.is_decode), len(chunks), time.perf_counter() - started)
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:
         """plan -> forward -> accept, each strategy over its own chunks at once."""
@@ -165,10 +155,7 @@ class Engine:
         seq.num_computed = num_computed
         self.scheduler.blocks.register_full_blocks(seq)
 
-    # -- the Step the strategies act through ------------------------------------------------------------------
-    def forward(self, chunks: list[ScheduledChunk], num_layers: int | None = None) -> StepOutput:
-        return self.runner.forward(chunks, num_layers)
-
+    # -- the Step the strategies act through (with forward, fork and free) --------------------------------------
     def emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs | None] | None = None) -> None:
         for i, token in enumerate(tokens):
             self._append_token(seq, token, logprobs[i] if logprobs else None)
@@ -184,12 +171,6 @@ class Engine:
         if not chunk.seq.is_finished:
             self._advance(chunk.seq, chunk.start + len(result.kv_rows))
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        self.runner.fork(parent, child)
-
-    def free(self, seq: Sequence) -> None:
-        self.scheduler.blocks.free(seq)
-
     def finish(self, seq: Sequence, reason: str, output: SequenceOutput | None = None) -> None:
         if seq.status is SequenceStatus.FINISHED:
             return
@@ -200,16 +181,12 @@ class Engine:
 
     def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         seq.output_ids.append(token)
-        params, timings = seq.params, {}
+        timings = {}
         if seq.first_token_time is None:
             seq.first_token_time = self._now
             timings = {"queue_seconds": seq.first_scheduled_time - seq.arrival_time,
                        "prefill_seconds": self._now - seq.first_scheduled_time}
-        reason = ""
-        if (not params.ignore_eos and token in self.model_spec.eos_token_ids) or token in params.stop_token_ids:
-            reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.model_spec.max_context_length:
-            reason = "length"
+        reason = seq.stop_reason(self.model_spec.eos_token_ids, self.model_spec.max_context_length)
         output = SequenceOutput([token], reason, [logprobs] if logprobs is not None else [], **timings)
         if reason:
             self.finish(seq, reason, output)
@@ -232,10 +209,3 @@ def _grouped(chunks: list[ScheduledChunk], key) -> dict:
 
 def _by_strategy(chunks: list[ScheduledChunk]) -> dict[type[Strategy], list[ScheduledChunk]]:
     return _grouped(chunks, lambda c: type(c.seq.strategy))
-
-
-def _step_kind(chunks: list[ScheduledChunk]) -> str:
-    decodes = sum(1 for c in chunks if c.is_decode)
-    if decodes == len(chunks):
-        return "decode"
-    return "prefill" if decodes == 0 else "mixed"

@@ -19,6 +19,12 @@ SPEC_DRAFT_TOKENS = Counter("splitserve_engine_spec_draft_tokens",
 SPEC_ACCEPTED_TOKENS = Counter("splitserve_engine_spec_accepted_tokens",
                                "Tokens beyond the first that speculative and lookahead steps produced")
 
+def observe_step(num_decodes: int, num_chunks: int, seconds: float) -> None:
+    kind = "decode" if num_decodes == num_chunks else "prefill" if num_decodes == 0 else "mixed"
+    STEP_SECONDS.labels(kind=kind).observe(seconds)
+    BATCH_SIZE.observe(num_chunks)
+
+
 _COUNTERS = (PREEMPTIONS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, SPEC_DRAFT_TOKENS, SPEC_ACCEPTED_TOKENS)
 
 

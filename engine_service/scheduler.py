@@ -42,6 +42,14 @@ class ScheduledChunk:
         return self.start > 0 and self.end - self.start == 1
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  scratch_slots: int = 0) -> None:
@@ -60,6 +68,10 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running), waiting=len(self.waiting),
+                           kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Removes seq wherever it is and frees its blocks (and its beams')."""

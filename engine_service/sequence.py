@@ -75,6 +75,15 @@ class Sequence:
             return self.prompt_ids[start:end]
         return (self.prompt_ids + self.output_ids)[start:end]
 
+    def stop_reason(self, eos_token_ids: tuple[int, ...], max_context: int) -> str:
+        """Why the sequence ends after its last token: "stop", "length", or "" (it goes on)."""
+        token, params = self.output_ids[-1], self.params
+        if (not params.ignore_eos and token in eos_token_ids) or token in params.stop_token_ids:
+            return "stop"
+        if len(self.output_ids) >= params.max_tokens or self.num_tokens >= max_context:
+            return "length"
+        return ""
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

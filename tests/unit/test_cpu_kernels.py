@@ -63,10 +63,10 @@ def _decode_ready_engine(runner: ModelRunner, prompts: list[list[int]]) -> Engin
 def _decode_logits_both_ways(runner: ModelRunner, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
     chunks = engine.scheduler.schedule()
     assert chunks and all(c.is_decode for c in chunks)
-    kernel_logits, _ = runner.forward(chunks)
+    kernel_logits = runner.forward(chunks).logits
     kernels, runner.fast.decode_kernels = runner.fast.decode_kernels, None
     try:
-        eager_logits, _ = runner.forward(chunks)   # writes the same keys/values again: harmless
+        eager_logits = runner.forward(chunks).logits   # writes the same keys/values again: harmless
     finally:
         runner.fast.decode_kernels = kernels
     return kernel_logits, eager_logits
