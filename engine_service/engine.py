@@ -24,14 +24,12 @@ from engine_service.sampling import SamplingParams
 from engine_service.scheduler import EngineStats, ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
 
+__all__ = ["Engine", "EngineFullError", "EngineStats", "RequestError"]
 log = logging.getLogger("splitserve.engine")
 
 
 class RequestError(ValueError):
     """A request the engine cannot take as it is (the servicer answers INVALID_ARGUMENT)."""
-
-
-__all__ = ["Engine", "EngineFullError", "EngineStats", "RequestError"]
 
 
 class Engine:
