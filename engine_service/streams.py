@@ -1,21 +1,26 @@
-"""The buffers between the engine's step loop thread and the Decode streams on the event loop: a sequence's
-outputs (`OutputStream`, held until a Decode stream attaches it), one Decode stream's ready sequences
-(`DecodeOutbox`: one message per wakeup for all of them), and the hand-over between the threads (`LoopPoster`:
-one wakeup for a step's outputs of every sequence)."""
+"""The engine's sequences on their way out, between the step loop thread and the Decode streams on the event loop.
+
+`OutputStreams` holds every sequence from Prefill to its last output: its `OutputStream` (its tokens, held until
+a Decode stream attaches it, or aborted when none does within the lease), and the open Decode streams, each a
+`DecodeOutbox` (the sequences attached to it that have something to send: one message per wakeup for all of
+them). `LoopPoster` hands the step loop's outputs to the event loop: one wakeup for a step's outputs of every
+sequence.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from engine_service.sequence import SequenceOutput, TokenLogprobs
+from common.logs import kv
+from engine_service.sequence import OutputCallback, SequenceOutput, TokenLogprobs
 from splitserve.v1 import common_pb2, engine_pb2
 
-log = logging.getLogger("splitserve.engine.server")
+log = logging.getLogger("splitserve.engine.streams")
 
 
 def logprobs_to_proto(logprobs: TokenLogprobs) -> common_pb2.TokenLogprobs:
@@ -139,3 +144,123 @@ def ended_early(request_id: str, reason: str) -> tuple[grpc.StatusCode, str]:
     if reason == "error":
         return grpc.StatusCode.INTERNAL, f"the engine failed while computing request {request_id!r}; see its log"
     return grpc.StatusCode.ABORTED, f"request {request_id!r} was aborted before its first token"
+
+
+class OutputStreams:
+    """Every sequence between its Prefill and its last output, by request id, and the open Decode streams.
+    Runs on the event loop; `abort` stops a sequence in the engine."""
+
+    def __init__(self, abort: Callable[[str], None], lease_seconds: float) -> None:
+        self.abort = abort
+        self.lease_seconds = lease_seconds
+        self.streams: dict[str, OutputStream] = {}
+        self.outboxes: set[DecodeOutbox] = set()
+        self.draining = False
+        self._poster: LoopPoster | None = None
+
+    def open(self, request_id: str) -> tuple[OutputStream, OutputCallback]:
+        """A stream for a new sequence, and the callback the step loop hands its outputs to."""
+        loop = asyncio.get_running_loop()
+        if self._poster is None:
+            self._poster = LoopPoster(loop)
+        poster = self._poster
+        stream = OutputStream(first=loop.create_future(), request_id=request_id)
+
+        def on_output(output: SequenceOutput) -> None:
+            poster.post(stream.push, output)
+
+        return stream, on_output
+
+    def add(self, stream: OutputStream) -> None:
+        self.streams[stream.request_id] = stream
+
+    def lease(self, stream: OutputStream) -> None:
+        """The first token went out: a Decode stream must attach the sequence within the lease."""
+        stream.lease = asyncio.get_running_loop().call_later(self.lease_seconds, self._expire_lease, stream)
+
+    def drain(self) -> None:
+        """Shutting down: each Decode stream ends once its sequences have (the gateways keep them open else)."""
+        self.draining = True
+        self._wake_if_draining()
+
+    async def decode(self, requests: AsyncIterator[engine_pb2.DecodeRequest]
+                     ) -> AsyncIterator[list[engine_pb2.SequenceOutput]]:
+        """One Decode stream: attach requests come in on one task; this one yields, per wakeup, everything its
+        sequences produced. It ends when no sequence is left on it and the caller stopped attaching, or the server
+        drains and no prefilled sequence waits to be attached."""
+        outbox = DecodeOutbox()
+        self.outboxes.add(outbox)
+        attaching = asyncio.create_task(self._attach_all(requests, outbox))
+        try:
+            while True:
+                await outbox.wait()
+                outputs, outbox.errors = outbox.errors, []
+                for stream in outbox.take():
+                    if stream.outbox is outbox:   # not dropped (aborted) since it was marked
+                        outputs.append(stream.take())
+                        if stream.finished:
+                            self.drop(stream, abort=False)
+                if outputs:
+                    yield outputs
+                if not outbox.attached and (attaching.done() or self.draining and self._nothing_to_attach()):
+                    return
+        finally:
+            if attaching.done() and not attaching.cancelled():
+                attaching.exception()   # retrieved: the call itself reports how it ended
+            attaching.cancel()
+            self.outboxes.discard(outbox)
+            for stream in list(outbox.attached):
+                self.drop(stream, abort=True)
+
+    def drop(self, stream: OutputStream, abort: bool) -> None:
+        """Forgets the sequence: its outputs stop here (`abort` also stops it in the engine)."""
+        if self.streams.get(stream.request_id) is stream:
+            del self.streams[stream.request_id]
+        if stream.lease is not None:
+            stream.lease.cancel()
+        if stream.outbox is not None:
+            stream.outbox.attached.discard(stream)
+            stream.outbox.wake()
+            stream.outbox = None
+        if abort:
+            self.abort(stream.request_id)
+        self._wake_if_draining()
+
+    async def _attach_all(self, requests: AsyncIterator[engine_pb2.DecodeRequest], outbox: DecodeOutbox) -> None:
+        try:
+            async for request in requests:
+                for attach in request.attach:
+                    self._attach(attach, outbox)
+        finally:
+            outbox.wake()
+
+    def _attach(self, attach: engine_pb2.DecodeAttach, outbox: DecodeOutbox) -> None:
+        stream = self.streams.get(attach.request_id)
+        if stream is None:
+            outbox.refuse(attach.key, grpc.StatusCode.NOT_FOUND, f"no running sequence {attach.request_id!r}: "
+                                                                 f"call Prefill first (or it already ended)")
+        elif stream.outbox is not None:
+            outbox.refuse(attach.key, grpc.StatusCode.FAILED_PRECONDITION,
+                          f"sequence {attach.request_id!r} is already attached to a Decode stream")
+        else:
+            if stream.lease is not None:
+                stream.lease.cancel()
+            stream.outbox, stream.key = outbox, attach.key
+            outbox.attached.add(stream)
+            if stream.token_ids or stream.reason:   # produced before it attached
+                outbox.mark(stream)
+            self._wake_if_draining()
+
+    def _expire_lease(self, stream: OutputStream) -> None:
+        if stream.outbox is None and self.streams.get(stream.request_id) is stream:
+            log.warning("no Decode stream attached in time; aborting %s",
+                        kv(request_id=stream.request_id, lease_seconds=self.lease_seconds))
+            self.drop(stream, abort=True)
+
+    def _wake_if_draining(self) -> None:
+        if self.draining:
+            for outbox in self.outboxes:
+                outbox.wake()
+
+    def _nothing_to_attach(self) -> bool:
+        return all(stream.outbox is not None for stream in self.streams.values())
