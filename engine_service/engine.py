@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -198,8 +199,8 @@ class Engine:
         self._reported = counters
 
 
-def _grouped(chunks: list[ScheduledChunk], key) -> dict:
-    groups: dict = {}
+def _grouped(chunks: list[ScheduledChunk], key: Callable[[ScheduledChunk], Hashable]) -> dict:
+    groups: dict[Hashable, list[ScheduledChunk]] = {}
     for c in chunks:
         groups.setdefault(key(c), []).append(c)
     return groups

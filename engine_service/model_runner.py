@@ -117,8 +117,8 @@ class ModelRunner:
         if compact_decode_weights and fast_path and device.type == "cpu" and dtype == torch.float32:
             source = gguf_weights.source_of(model_path)
             gguf = gguf_weights.GGUFBlocks(source) if source is not None else None
-        self.fast = (llama.FastLlama(self.model, compact_decode_weights, gguf) if fast_path and llama.supports(self.model)
-                     else None)
+        use_fast = fast_path and llama.supports(self.model)
+        self.fast = llama.FastLlama(self.model, compact_decode_weights, gguf) if use_fast else None
         text_config = self.model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         shape = CacheShape(
@@ -255,7 +255,8 @@ class ModelRunner:
                     mask = torch.cat([torch.ones(n, c.start, dtype=torch.bool), tree_mask], dim=1).to(device)
                 context_slots = context_slots.to(device)
             tree_offsets = None if c.tree is None else torch.tensor(c.tree.offsets, dtype=torch.long).to(device)
-            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots, mask, tree_offsets))
+            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots, mask,
+                                                         tree_offsets))
             if c.tree is not None:
                 tree_rows.append((c, len(tree_keep), n))
                 tree_keep.extend(range(offset, offset + n))

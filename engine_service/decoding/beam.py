@@ -191,7 +191,8 @@ class BeamGroup(Strategy):
                 reused.add(index)     # the first child continues its parent's blocks; the others copy them
                 beams.append(parent)
                 continue
-            child = Sequence(request_id=leader.request_id, prompt_ids=leader.prompt_ids,   # a request's beams share its id
+            # A request's beams share its id (the engine retries a failed step request by request).
+            child = Sequence(request_id=leader.request_id, prompt_ids=leader.prompt_ids,
                              params=leader.params, on_output=leader.on_output, output_ids=list(parent.output_ids),
                              status=SequenceStatus.RUNNING, strategy=self)
             step.fork(parent, child)

@@ -59,7 +59,8 @@ class Speculative(Guessing):
         seq, tree = chunk.seq, chunk.tree
         logits = out.logits_of(chunk)
         drafts = tree.tokens[1:]
-        processed = step.sampler.process(logits, [seq] * len(tree.tokens), [drafts[:i] for i in range(len(tree.tokens))])
+        rows = len(tree.tokens)
+        processed = step.sampler.process(logits, [seq] * rows, [drafts[:i] for i in range(rows)])
         if seq.params.greedy:
             result = accept_greedy(tree, processed.argmax(dim=-1).tolist())
             tokens, kv_rows = result.tokens, result.kv_rows

@@ -40,7 +40,7 @@ class DraftTree:
 @dataclass
 class Accepted:
     tokens: list[int]             # new tokens, >= 1; tokens[0] is always argmax of row 0 (plain greedy decoding)
-    kv_rows: list[int]            # rows whose keys/values must be kept, in position order: [0] + the rows of tokens[:-1]
+    kv_rows: list[int]            # rows whose keys/values are kept, in position order: [0] + the rows of tokens[:-1]
 
 
 def chain(context_last: int, drafts: list[int]) -> DraftTree:

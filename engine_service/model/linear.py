@@ -3,9 +3,10 @@
 On CPUs, fp32 weights are repacked once into oneDNN's blocked layout: at the rows of a prefill it runs about
 twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes). Optionally
 compact weights serve steps of at most `COMPACT_ROWS` rows (decode steps): such a step is bound by reading the
-weights, and a bf16 copy halves the bytes (a GGUF-sourced model's own blocks, `use_blocks`, cut them further). On AVX2 CPUs our own kernel (cpu_kernels.cpp) widens the bf16 weights to fp32 in registers
-and accumulates in fp32 with fp32 activations; elsewhere torch's bf16 matmul serves them (1-2 rows). bf16 is never
-used for larger steps, whose matrix products are far slower in bf16 on CPUs without native bf16 instructions.
+weights, and a bf16 copy halves the bytes (a GGUF-sourced model's own blocks, `use_blocks`, cut them further).
+On AVX2 CPUs our own kernel (cpu_kernels.cpp) widens the bf16 weights to fp32 in registers and accumulates in fp32
+with fp32 activations; elsewhere torch's bf16 matmul serves them (1-2 rows). bf16 is never used for larger steps,
+whose matrix products are far slower in bf16 on CPUs without native bf16 instructions.
 """
 from __future__ import annotations
 
