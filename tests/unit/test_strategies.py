@@ -92,6 +92,19 @@ def test_contrastive_search_equals_the_plain_reference(engine, tiny_model, twent
     assert engine.stats().kv_blocks_used == 0
 
 
+def test_guesses_past_the_scratch_slots_wait_a_step_and_change_nothing(engine, twenty_prompts, caplog):
+    """Twelve contrastive requests of 64 candidates need 768 scratch slots a step, more than the cache has: the
+    scheduler lets those that fit run and the others wait (no step fails); each gets the tokens it gets alone."""
+    prompts = twenty_prompts[:12]
+    assert len(prompts) * 64 > engine.scheduler.scratch_slots
+    params = {"penalty_alpha": 0.6, "top_k": 64}
+    together = run(engine, prompts, **params)
+    assert together == [run(engine, [ids], **params)[0] for ids in prompts]
+    assert all(len(tokens) == MAX_TOKENS or tokens[-1] in engine.model_spec.eos_token_ids for tokens in together)
+    assert engine.stats().kv_blocks_used == 0
+    assert "engine step failed" not in caplog.text
+
+
 def test_contrastive_choice_trades_probability_for_novelty():
     context = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     candidates = torch.tensor([[1.0, 0.0], [1.0, -1.0]])     # the first repeats the context
