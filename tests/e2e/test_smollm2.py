@@ -92,7 +92,7 @@ def test_compact_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, sm
     runner = ModelRunner(str(smollm2_dir), "smollm2", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 28,
                          block_size=16, max_model_len=0, compact_decode_weights=True)
     fast = runner.fast
-    assert fast.decode_kernels is not None and fast.layers[0].qkv.small is not None
+    assert fast.decode_kernels is not None and fast.layers[0].qkv.bf16 is not None
     assert fast.lm_head.blocks is not None and all(w.gate_up.blocks is not None for w in fast.layers)
     engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=2048, max_waiting=64)
     engine.start()
