@@ -6,19 +6,13 @@ import uuid
 from dataclasses import dataclass
 
 from common.chat import CHAT_ROLES
-from common.decoding import MAX_LOGPROBS, is_greedy, strategy_error
+from common.decoding import MAX_LOGIT_BIAS, MAX_LOGPROBS, is_greedy, range_error, strategy_error
 from gateway.errors import invalid
 from splitserve.v1 import common_pb2, gateway_pb2
 
 DEFAULT_MAX_TOKENS = 256
 MAX_REQUEST_ID_CHARS = 128
-MAX_LOGIT_BIAS = 300              # entries, as OpenAI
 MAX_N = 16                        # completions per request
-MAX_BEAMS = 16
-MAX_SPECULATIVE_TOKENS = 16
-MAX_PROMPT_LOOKUP_NGRAM = 8
-MAX_LOOKAHEAD_WINDOW = 16
-LOOKAHEAD_NGRAM = (2, 8)
 
 
 @dataclass(frozen=True)
@@ -185,7 +179,8 @@ def _check_decoding(params: common_pb2.SamplingParams) -> None:
 
     beams = params.num_beams > 1
     _check_range("n", params.n, 0, MAX_N, " (0 = 1)")
-    _check_range("num_beams", params.num_beams, 0, MAX_BEAMS, " (0 or 1 = no beam search)")
+    if (problem := range_error(params, prefix="sampling.")) is not None:
+        raise invalid(problem)
     if params.n > 1 and beams:
         raise invalid("sampling.n > 1 with num_beams > 1 is not supported: beam search returns its best hypothesis "
                       "(one completion)")
@@ -207,18 +202,10 @@ def _check_decoding(params: common_pb2.SamplingParams) -> None:
                       f"got {params.top_k}")
     if (problem := strategy_error(params, prefix="sampling.")) is not None:
         raise invalid(problem)
-    _check_range("num_speculative_tokens", params.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS,
-                 " (0 = the engine's default)")
     if params.num_speculative_tokens and not params.speculative:
         raise invalid("sampling.num_speculative_tokens applies to speculative decoding only: set speculative")
-    _check_range("prompt_lookup_max_ngram", params.prompt_lookup_max_ngram, 0, MAX_PROMPT_LOOKUP_NGRAM,
-                 " (0 = default)")
     if params.prompt_lookup_max_ngram and params.speculative != "prompt_lookup":
         raise invalid("sampling.prompt_lookup_max_ngram applies only with speculative='prompt_lookup'")
-    _check_range("lookahead_window", params.lookahead_window, 0, MAX_LOOKAHEAD_WINDOW, " (0 = default)")
-    if params.lookahead_ngram and not LOOKAHEAD_NGRAM[0] <= params.lookahead_ngram <= LOOKAHEAD_NGRAM[1]:
-        raise invalid(f"sampling.lookahead_ngram must be 0 (default) or in [{LOOKAHEAD_NGRAM[0]}, "
-                      f"{LOOKAHEAD_NGRAM[1]}], got {params.lookahead_ngram}")
     if (params.lookahead_window or params.lookahead_ngram) and params.speculative != "lookahead":
         raise invalid("sampling.lookahead_window and sampling.lookahead_ngram apply only with "
                       "speculative='lookahead'")

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import grpc
 import pytest
 
-from tests.helpers import make_request, rpc_error, stream
-from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+from tests.conftest import start_stack
+from tests.helpers import make_request, rpc_error, stream, stream_all
+from tests.integration.test_lifecycle import scrape
+from splitserve.v1 import (common_pb2, engine_pb2, engine_pb2_grpc, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2,
+                           tokenizer_pb2_grpc)
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +127,52 @@ def test_the_tokenizer_port_bounds_messages_and_roles_itself(tiny_stack):
         error = rpc_error(lambda: stub.Tokenize(long_role, timeout=60))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.details()) < 300
         assert stub.Tokenize(tokenizer_pb2.TokenizeRequest(prompt="hello"), timeout=60).token_ids
+
+
+def over_64_rows(stack) -> float:
+    metrics = scrape(stack.ports.engine_metrics)
+    return metrics["splitserve_engine_batch_size_count"] - metrics['splitserve_engine_batch_size_bucket{le="64.0"}']
+
+
+def test_beams_count_in_the_engines_sequence_limit(tiny_model_dir, tmp_path):
+    """17 beam searches of 16 beams against max_num_seqs 64 (and a token budget that would allow more): the excess
+    waits; no step ever runs more than 64 rows."""
+    stack = start_stack(tiny_model_dir, tmp_path, ["--max-num-seqs", "64", "--max-num-batched-tokens", "2048",
+                                                   "--compact-decode-weights", "false"])
+    try:
+        with grpc.insecure_channel(stack.address("gateway")) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            requests = [make_request(f"story {i}:", max_tokens=12, num_beams=16, ignore_eos=True) for i in range(17)]
+            results = stream_all(stub, requests, concurrency=17)
+        assert all(result.last.finish_reason == "length" for result in results)
+        assert over_64_rows(stack) == 0
+    finally:
+        stack.stop()
+
+
+def test_the_engine_port_refuses_out_of_range_values_itself(tiny_stack):
+    """The engine is reachable by any internal caller: it re-checks every bound it relies on."""
+    cases = {
+        "num_beams": common_pb2.SamplingParams(max_tokens=2, num_beams=1000),
+        "num_speculative_tokens": common_pb2.SamplingParams(max_tokens=2, speculative="prompt_lookup",
+                                                            num_speculative_tokens=10_000),
+        "logit_bias": common_pb2.SamplingParams(max_tokens=2, logit_bias={i: 1.0 for i in range(10_000)}),
+        "stop_token_ids": common_pb2.SamplingParams(max_tokens=2, stop_token_ids=list(range(200_000))),
+        "vocabulary": common_pb2.SamplingParams(max_tokens=2, logit_bias={10_000_000: 1.0}),
+        "lookahead_window": common_pb2.SamplingParams(max_tokens=2, speculative="lookahead", lookahead_window=10**6),
+    }
+    with grpc.insecure_channel(tiny_stack.address("engine"), options=[("grpc.max_send_message_length", -1)]) as ch:
+        stub = engine_pb2_grpc.EngineStub(ch)
+        for i, (field, sampling) in enumerate(cases.items()):
+            request = engine_pb2.PrefillRequest(request_id=f"hostile-{i}-{time.time()}", prompt_token_ids=[5, 6, 7],
+                                                sampling=sampling)
+            error = rpc_error(lambda: stub.Prefill(request, timeout=60))
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error.code(), error.details())
+            assert field in error.details() and len(error.details()) < 300, error.details()
+        error = rpc_error(lambda: stub.Prefill(engine_pb2.PrefillRequest(
+            request_id="x" * 10_000, prompt_token_ids=[5], sampling=common_pb2.SamplingParams(max_tokens=1)),
+            timeout=60))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.details()) < 300
+        served = stub.Prefill(engine_pb2.PrefillRequest(request_id=f"after-{time.time()}", prompt_token_ids=[5, 6],
+                                                        sampling=common_pb2.SamplingParams(max_tokens=1)), timeout=60)
+        assert served.finish_reason == "length"
