@@ -160,3 +160,13 @@ def test_network_policies_let_only_the_gateway_reach_the_tokenizer_and_the_engin
         grpc_rule = next(r for r in rules if {"protocol": "TCP", "port": port} in r["ports"])
         assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "splitserve-gateway"}}}]
         assert all(port not in [p["port"] for p in r["ports"]] for r in rules if r is not grpc_rule)
+
+
+def test_compose_tls_override_mounts_certificates_and_turns_on_mutual_tls():
+    services = compose_config(COMPOSE_FILE, DEPLOY / "docker-compose.tls.yml")["services"]
+    for name in ("tokenizer", "engine", "gateway"):
+        environment, volumes = services[name]["environment"], services[name]["volumes"]
+        assert (environment["TLS_CERT"], environment["TLS_KEY"], environment["TLS_CA"]) == \
+            ("/certs/node.pem", "/certs/node.key", "/certs/ca.pem"), name
+        assert any(v.endswith(":/certs:ro") for v in volumes), name
+        assert "models:/models:rw" in volumes, name   # the override keeps the model volume
