@@ -18,13 +18,14 @@ cleanup() { [ -z "$container" ] || buildah rm "$container" >/dev/null; rm -rf "$
 trap cleanup EXIT
 echo "debootstrap bookworm from $MIRROR into $rootfs"
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" "$MIRROR" >/dev/null
-# As the official slim image: the updates and security suites, no package lists, caches, logs or device nodes
-# (a container runtime provides /dev).
+# As the official slim image: the updates and security suites, applied; no package lists, caches, logs or device
+# nodes (a container runtime provides /dev).
 cat > "$rootfs/etc/apt/sources.list" <<SOURCES
 deb $MIRROR bookworm main
 deb $MIRROR bookworm-updates main
 deb ${MIRROR}-security bookworm-security main
 SOURCES
+chroot "$rootfs" sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq' >/dev/null
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/cache/apt/archives/*.deb \
        "$rootfs"/var/log/*.log "$rootfs"/dev/*
 container=$(buildah from scratch)
