@@ -6,7 +6,7 @@
 set -euo pipefail
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian-python:bookworm}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-buildah() { command buildah --storage-driver vfs "$@"; }
+buildah() { command buildah "$@"; }
 
 if buildah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
   echo "base image present: $BASE_IMAGE"

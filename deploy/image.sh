@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make image`: builds deploy/Dockerfile as $IMAGE (default splitserve:$VARIANT; VARIANT cpu or cuda) with Docker
-# when a Docker engine answers, else with Debian's buildah: no daemon, chroot isolation, vfs storage, as root, on the
-# Debian base that deploy/base-image.sh makes (BASE_IMAGE overrides the base either way).
+# when a Docker engine answers, else with Debian's buildah: no daemon, chroot isolation, as root, on the Debian base
+# that deploy/base-image.sh makes (BASE_IMAGE overrides the base either way). buildah stores images with the kernel's
+# overlay filesystem where it can (each layer a diff; vfs copies the whole tree per layer: ~2 GB a step here), else
+# vfs; STORAGE_DRIVER=vfs forces it (e.g. inside an unprivileged container).
 # With buildah, pip inside the build resolves as it does on this machine: each setting `pip config list` shows
 # (index, extra index, find-links, constraint, cert, trusted host) becomes its PIP_* build arg, the files and folders
 # it names are mounted read-only at the same paths, and torch comes from those settings too (TORCH_INDEX_URL, when
@@ -53,5 +55,5 @@ elif [ -n "$torch_from_pip" ]; then
 fi
 
 echo "+ buildah bud ${args[*]} ."
-buildah --storage-driver vfs bud --isolation chroot --layers --ignorefile deploy/Dockerfile.dockerignore "${args[@]}" .
-buildah --storage-driver vfs images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$IMAGE"
+buildah bud --isolation chroot --layers --ignorefile deploy/Dockerfile.dockerignore "${args[@]}" .
+buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' "$IMAGE"

@@ -27,11 +27,11 @@ SERVICES = ("tokenizer", "engine", "gateway")
 
 
 def buildah_command(*args: str) -> list[str]:
-    """Debian's buildah as `make image` uses it: no daemon, vfs storage (deploy/install-tools.sh installs it)."""
+    """Debian's buildah, as `make image` uses it (deploy/install-tools.sh installs it)."""
     binary = shutil.which("buildah")
     if binary is None:
         raise AssertionError("buildah is not installed: run `bash deploy/install-tools.sh` (as .ci/run does)")
-    return [binary, "--storage-driver", "vfs", *args]
+    return [binary, *args]
 
 
 def buildah(*args: str) -> str:
