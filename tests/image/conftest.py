@@ -84,6 +84,9 @@ def image_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageStack
     MODELS.mkdir(parents=True, exist_ok=True)
     os.chown(MODELS, IMAGE_UID, IMAGE_UID)   # the services write the converted model there as the image's user
     container = buildah("from", "--pull-never", "--name", f"splitserve-image-test-{os.getpid()}", IMAGE).strip()
+    # buildah run mounts the image's own anonymous /models volume over a bind mount there; compose's named volume
+    # replaces it, and so does this container without it.
+    buildah("config", "--volume", "/models-", container)
     stack = build_image_stack(container, compose_config(), tmp_path_factory.mktemp("image-stack-logs"))
     try:
         for process in stack.processes.values():

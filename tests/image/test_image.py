@@ -12,7 +12,7 @@ import pytest
 
 from common.healthcheck import check
 from tests.helpers import make_request, stream
-from tests.image.conftest import IMAGE, IMAGE_UID, SERVICES, ImageStack, buildah
+from tests.image.conftest import IMAGE, IMAGE_UID, MODELS, SERVICES, ImageStack, buildah
 from splitserve.v1 import gateway_pb2_grpc
 
 PROMPTS = ["The capital of France is", [("user", "Name three colours. 你好 👋")]]
@@ -94,7 +94,7 @@ def test_prometheus_metrics_of_each_service_are_scraped_from_the_host(image_stac
     greedy(image_stack.processes["gateway"].address, PROMPTS[0])
     for name, metric in SERVICE_METRICS.items():
         text = scrape(image_stack.processes[name].metrics_port)
-        counts = re.findall(rf"^{metric}_(?:count|total)(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+        counts = re.findall(rf"^{metric}(?:_count)?(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
         assert counts and sum(float(c) for c in counts) >= 1, f"{name}: no {metric} samples"
 
 
@@ -125,7 +125,14 @@ def test_the_engine_in_the_image_loads_our_prebuilt_cpu_kernels(image_stack: Ima
     assert ("CPU kernels loaded" in log) == avx2, image_stack.processes["engine"].log_tail()
 
 
+def test_the_default_model_is_converted_into_the_mounted_cache_by_the_images_user(image_stack: ImageStack):
+    converted = [path for path in (MODELS / "splitserve" / "models").iterdir() if (path / "config.json").exists()]
+    assert converted, f"no converted model under {MODELS}"
+    assert all(path.stat().st_uid == IMAGE_UID for path in converted)
+
+
 def test_the_cpu_image_is_at_most_2_5_gb():
-    size = int(buildah("inspect", "--type", "image", "--format", "{{.ImageSize}}", IMAGE))   # hmm
+    layers = json.loads(buildah("inspect", "--type", "image", "--format", "{{.Manifest}}", IMAGE))["layers"]
+    size = sum(layer["size"] for layer in layers)   # uncompressed, as `docker images` counts
     print(f"{IMAGE}: {size / 1e9:.2f} GB")
     assert size <= MAX_IMAGE_BYTES
