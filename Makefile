@@ -25,11 +25,11 @@ $(STUBS): $(PROTOS) $(VENV)/.installed
 
 protos: $(STUBS)
 
-# Our AVX2 kernels (engine_service/cpu_kernels.cpp), compiled once here rather than at an engine's first start;
+# Our AVX2 kernels (engine_service/model/cpu_kernels.cpp), compiled once here rather than at an engine's first start;
 # skipped without a C++ compiler or AVX2 (the engine then uses torch's kernels).
 KERNELS := $(VENV)/.kernels
-$(KERNELS): engine_service/cpu_kernels.cpp $(VENV)/.installed
-	$(PY) -c "from engine_service import cpu_kernels; print('cpu kernels:', cpu_kernels.load() is not None)"
+$(KERNELS): engine_service/model/cpu_kernels.cpp $(VENV)/.installed
+	$(PY) -c "from engine_service.model import cpu_kernels; print('cpu kernels:', cpu_kernels.load() is not None)"
 	touch $@
 
 run: $(STUBS) $(KERNELS)

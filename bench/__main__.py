@@ -196,7 +196,7 @@ def main() -> None:
         progress.set_postfix_str("overhead")
         del model
         runner = ModelRunner(path, "bench", torch.device(info.device), dtype, kv_cache_bytes=1 << 30,
-                             block_size=16, max_model_len=0, small_step_bf16=info.device == "cpu")
+                             block_size=16, max_model_len=0, compact_decode_weights=info.device == "cpu")
         engine = Engine(runner, max_num_seqs=64, max_num_batched_tokens=2048, max_waiting=1024, draft_layers=-1)
         engine.start()
         inprocess_throughput(engine, ids[:2], 4)  # warm-up

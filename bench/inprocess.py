@@ -6,6 +6,7 @@ import time
 
 from engine_service.engine import Engine
 from engine_service.sampling import SamplingParams
+from engine_service.sequence import SequenceOutput
 
 
 def inprocess_throughput(engine: Engine, prompts_ids: list[list[int]], max_tokens: int) -> dict[str, float]:
@@ -13,9 +14,9 @@ def inprocess_throughput(engine: Engine, prompts_ids: list[list[int]], max_token
     counts = [0] * len(prompts_ids)
 
     def callback(index: int):
-        def on_output(token_ids: list[int], reason: str, logprobs: list) -> None:
-            counts[index] += len(token_ids)
-            if reason:
+        def on_output(output: SequenceOutput) -> None:
+            counts[index] += len(output.token_ids)
+            if output.finish_reason:
                 done.release()
         return on_output
 

@@ -7,6 +7,7 @@ import time
 
 from engine_service.engine import Engine
 from engine_service.sampling import SamplingParams
+from engine_service.sequence import SequenceOutput
 
 EDIT_TASKS = [
     ("Rewrite this Python function with the variable `total` renamed to `result`. Reply with the code only.\n\n"
@@ -31,9 +32,9 @@ def _generate(engine: Engine, prompt_ids: list[int], max_tokens: int, params: di
     done = threading.Event()
     tokens: list[int] = []
 
-    def on_output(token_ids: list[int], reason: str, logprobs: list) -> None:
-        tokens.extend(token_ids)
-        if reason:
+    def on_output(output: SequenceOutput) -> None:
+        tokens.extend(output.token_ids)
+        if output.finish_reason:
             done.set()
 
     started = time.perf_counter()
@@ -51,7 +52,7 @@ def speculative_scenario(engine: Engine, tokenizer, max_tokens: int) -> dict:
     systems: dict[str, dict] = {}
     reference: list[list[int]] = []
     for mode, params in MODES.items():
-        drafts, accepted = engine.spec_draft_tokens, engine.spec_accepted_tokens
+        drafts, accepted = engine.guesses_verified, engine.guesses_accepted
         outputs, steps, seconds = [], 0, 0.0
         for ids in prompts:
             tokens, num_steps, elapsed = _generate(engine, ids, max_tokens, params)
@@ -61,11 +62,11 @@ def speculative_scenario(engine: Engine, tokenizer, max_tokens: int) -> dict:
         if mode == "plain":
             reference = outputs
         tokens = sum(len(t) for t in outputs)
-        proposed = engine.spec_draft_tokens - drafts
+        proposed = engine.guesses_verified - drafts
         systems[mode] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
                          "forward_passes": steps, "tokens_per_forward_pass": tokens / steps,
                          "draft_tokens": proposed,
-                         "acceptance_rate": (engine.spec_accepted_tokens - accepted) / proposed if proposed else None,
+                         "acceptance_rate": (engine.guesses_accepted - accepted) / proposed if proposed else None,
                          "identical_to_plain": outputs == reference}
     plain = systems["plain"]
     ratios: dict[str, float | None] = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import typing
 from typing import Any, TypeVar
@@ -23,7 +24,9 @@ def load_config(cls: type[T], argv: list[str] | None = None, description: str = 
     """Builds `cls` from `--field-name` flags, else `FIELD_NAME` environment variables, else the defaults.
 
     A field's environment variable is its name upper-cased; a field may name another through
-    `metadata={"env": "NAME"}` (e.g. MODEL). Help text comes from `metadata={"help": ...}`.
+    `metadata={"env": "NAME"}` (e.g. MODEL). Help text comes from `metadata={"help": ...}`. A renamed field keeps
+    its old names for a release with `metadata={"deprecated_names": ("old_name",)}`: `--old-name` and OLD_NAME
+    still work (after the new ones) and log a deprecation warning.
     """
     parser = argparse.ArgumentParser(description=description)
     hints = typing.get_type_hints(cls)
@@ -42,6 +45,9 @@ def load_config(cls: type[T], argv: list[str] | None = None, description: str = 
             default=None,
             help=f"{field.metadata.get('help', '')} (env {env_name}, default {field.default!r})",
         )
+        for old in field.metadata.get("deprecated_names", ()):
+            parser.add_argument("--" + old.replace("_", "-"), dest=old, type=convert, default=None,
+                                help=f"deprecated: use --{field.name.replace('_', '-')}")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -54,6 +60,15 @@ def load_config(cls: type[T], argv: list[str] | None = None, description: str = 
                     value = converters[field.name](raw)
                 except ValueError as exc:
                     parser.error(f"environment variable {env_name}: {exc}")
+        for old in field.metadata.get("deprecated_names", ()) if value is None else ():
+            value = getattr(args, old)
+            if value is None and os.environ.get(old.upper()):
+                value = converters[field.name](os.environ[old.upper()])
+            if value is not None:
+                logging.getLogger("splitserve.config").warning(
+                    "--%s / %s is deprecated and goes in the next release: use --%s / %s", old.replace("_", "-"),
+                    old.upper(), field.name.replace("_", "-"), field.metadata.get("env", field.name.upper()))
+                break
         if value is not None:
             values[field.name] = value
     try:

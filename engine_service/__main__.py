@@ -28,7 +28,8 @@ class EngineConfig:
     kv_cache_gb: float = field(default=1.0, metadata={"help": "memory for the KV cache, GiB"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV cache of shared prompt prefixes"})
-    small_step_bf16: bool = field(default=True, metadata={
+    compact_decode_weights: bool = field(default=True, metadata={
+        "deprecated_names": ("small_step_bf16",),
         "help": "CPU, fp32 models: decode steps of up to 16 sequences read compact weights, in one kernel call per "
                 "step: a GGUF-sourced model's own Q4_1/Q8_0 blocks at 1-2 rows (its exact weights), a bf16 copy "
                 "otherwise (fp32 activations and accumulation on AVX2; greedy output then matches fp32 up to "
@@ -63,7 +64,8 @@ async def serve(config: EngineConfig) -> None:
         resolve_model(config.model), model_display_name(config.model), device, pick_dtype(config.dtype, device),
         kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
         max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching,
-        fault_token_id=config.fault_token_id, small_step_bf16=config.small_step_bf16 and device.type == "cpu")
+        fault_token_id=config.fault_token_id,
+        compact_decode_weights=config.compact_decode_weights and device.type == "cpu")
     engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                     draft_layers=config.draft_layers)
     engine.start()

@@ -18,3 +18,22 @@ SPEC_DRAFT_TOKENS = Counter("splitserve_engine_spec_draft_tokens",
                             "Guessed tokens verified by speculative and lookahead steps")
 SPEC_ACCEPTED_TOKENS = Counter("splitserve_engine_spec_accepted_tokens",
                                "Tokens beyond the first that speculative and lookahead steps produced")
+
+def observe_step(num_decodes: int, num_chunks: int, seconds: float) -> None:
+    kind = "decode" if num_decodes == num_chunks else "prefill" if num_decodes == 0 else "mixed"
+    STEP_SECONDS.labels(kind=kind).observe(seconds)
+    BATCH_SIZE.observe(num_chunks)
+
+
+_COUNTERS = (PREEMPTIONS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, SPEC_DRAFT_TOKENS, SPEC_ACCEPTED_TOKENS)
+
+
+def publish(stats, counts: tuple[int, ...], reported: tuple[int, ...]) -> None:
+    """The gauges from the engine's stats, and the counters (in _COUNTERS' order) by what they grew since
+    `reported`: the step loop keeps plain integers, exported here between steps."""
+    REQUESTS_RUNNING.set(stats.running)
+    REQUESTS_WAITING.set(stats.waiting)
+    KV_CACHE_USAGE.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
+    for counter, now, before in zip(_COUNTERS, counts, reported):
+        if now > before:
+            counter.inc(now - before)

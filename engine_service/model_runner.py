@@ -1,8 +1,10 @@
-"""Loads the model, owns the KV cache tensors, packs a step's chunks into one forward pass, returns logits.
+"""Loads the model, owns the KV cache, and runs a step: prepares the inputs of the step's chunks, runs the model
+once, and returns a `StepOutput` (the logits kept, and each chunk's rows, hidden states and cache slots).
 
 Works with any transformers causal LM whose attention goes through `AttentionInterface` (Llama, Qwen, Mistral,
 Gemma, Phi, ...): the step's tokens are packed into one [1, T] row with explicit position ids, and our paged
-attention (engine_service.attention) reads and writes the engine's own cache.
+attention (engine_service.model.attention) reads and writes the engine's own cache. Llama-family models take the
+hand-written forward pass instead (engine_service.model.llama).
 """
 from __future__ import annotations
 
@@ -13,13 +15,41 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.logs import kv
-from engine_service import attention, gguf_weights, llama
 from engine_service.kv_cache import BlockManager, CacheShape, KVCache
+from engine_service.model import attention, gguf_weights, llama
 from engine_service.scheduler import ScheduledChunk
+from engine_service.sequence import Sequence
 
 log = logging.getLogger("splitserve.engine.model")
 # Cache slots for the speculative rows of one step that share a position (lookahead and contrastive guesses).
 SCRATCH_SLOTS = 512
+
+
+@dataclass
+class ChunkOutput:
+    """What one chunk computed: `rows` of StepOutput.logits (its last row when it yields a token, every row of a
+    tree, else none), the cache slots its rows wrote, and the final hidden states of its rows (want_hidden)."""
+    rows: range
+    slots: list[int]
+    hidden: torch.Tensor | None = None
+
+
+@dataclass
+class StepOutput:
+    """What a forward pass returns: the logits it kept, and each chunk's share of them."""
+    logits: torch.Tensor                          # [kept rows, vocab]
+    chunks: dict[ScheduledChunk, ChunkOutput]
+
+    def logits_of(self, chunk: ScheduledChunk) -> torch.Tensor:
+        rows = self.chunks[chunk].rows
+        return self.logits[rows.start: rows.stop]
+
+    def last_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """[len(chunks), vocab]: each chunk's last kept row (a view, not a copy, when the rows are consecutive)."""
+        rows = [self.chunks[c].rows.stop - 1 for c in chunks]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return self.logits[rows[0]: rows[0] + len(rows)]
+        return self.logits[torch.tensor(rows, device=self.logits.device)]
 
 
 @dataclass(frozen=True)
@@ -30,6 +60,16 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...]
     device: str
     dtype: str
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Raises ValueError when this model cannot take the prompt."""
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_context_length:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                             f"{self.max_context_length} tokens, which leaves no room for output")
 
 
 def pick_device(requested: str) -> torch.device:
@@ -65,7 +105,7 @@ def _eos_ids(model: torch.nn.Module) -> tuple[int, ...]:
 class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
-                 prefix_caching: bool = True, fault_token_id: int = -1, small_step_bf16: bool = False) -> None:
+                 prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False) -> None:
         self.device = device
         self.dtype = dtype
         self.fault_token_id = fault_token_id   # fault injection for tests: a step computing this token raises
@@ -74,11 +114,11 @@ class ModelRunner:
             model_path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME).to(device).eval()
         # Llama-family models get the hand-written forward pass; any other causal LM runs through transformers.
         gguf = None
-        if small_step_bf16 and fast_path and device.type == "cpu" and dtype == torch.float32:
+        if compact_decode_weights and fast_path and device.type == "cpu" and dtype == torch.float32:
             source = gguf_weights.source_of(model_path)
             gguf = gguf_weights.GGUFBlocks(source) if source is not None else None
-        self.fast = (llama.FastLlama(self.model, small_step_bf16, gguf) if fast_path and llama.supports(self.model)
-                     else None)
+        use_fast = fast_path and llama.supports(self.model)
+        self.fast = llama.FastLlama(self.model, compact_decode_weights, gguf) if use_fast else None
         text_config = self.model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         shape = CacheShape(
@@ -98,7 +138,7 @@ class ModelRunner:
         if context > capacity:
             log.warning("context capped by the KV cache %s", kv(context=context, capacity=capacity))
             context = capacity
-        self.spec = ModelSpec(
+        self.model_spec = ModelSpec(
             name=display_name,
             max_context_length=int(context),
             vocab_size=int(text_config.vocab_size),
@@ -106,7 +146,7 @@ class ModelRunner:
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
         )
-        log.info("model ready %s", kv(name=display_name, device=str(device), dtype=self.spec.dtype,
+        log.info("model ready %s", kv(name=display_name, device=str(device), dtype=self.model_spec.dtype,
                                       kv_blocks=num_blocks, block_size=block_size, context=context,
                                       fast_path=self.fast is not None))
 
@@ -116,23 +156,20 @@ class ModelRunner:
         return blocks * self.block_size + positions % self.block_size
 
     @torch.inference_mode()
-    def forward(self, chunks: list[ScheduledChunk], num_layers: int | None = None
-                ) -> tuple[torch.Tensor, list[ScheduledChunk]]:
-        """Runs one step; returns the last logits of each chunk that samples ([S, vocab]) and those chunks, in
-        the order of the rows. Tree chunks (a strategy's guesses) get all their rows' logits in `chunk.logits`;
-        chunks with want_hidden get their rows' final hidden states in `chunk.hidden`; every chunk gets the
-        cache slots it wrote in `chunk.slots`. num_layers: run only the first layers (a self-speculative draft)."""
+    def forward(self, chunks: list[ScheduledChunk], num_layers: int | None = None) -> StepOutput:
+        """Runs one step over the chunks. Keeps the logits of each chunk's last row when it yields a token, and of
+        every row of a tree (a strategy's guesses); the hidden states of the chunks that want them; the cache
+        slots every chunk wrote. num_layers: run only the first layers (a self-speculative draft)."""
         decodes = [c for c in chunks if c.is_decode and c.tree is None]
         # A linear chain of guesses (a speculative step) is decode rows of one sequence: row i attends the cache up
         # to its own position, as a decode does. With the decodes, such steps take the one-call kernel on CPU.
-        chains = [c for c in chunks if c.tree is not None and not c.want_hidden and c.start > 0 and in_place(c.tree)]
-        chain_ids = {id(c) for c in chains}
-        others = [c for c in chunks if not (c.is_decode and c.tree is None) and id(c) not in chain_ids]
-        ordered = decodes + chains + others
+        chains = [c for c in chunks if c.tree is not None and not c.want_hidden and c.start > 0 and c.tree.in_place]
+        in_rows = set(decodes) | set(chains)
+        others = [c for c in chunks if c not in in_rows]
         device = self.device
         token_ids: list[int] = []
         positions: list[int] = []
-        row_chunk: list[int] = []        # for each decode row, its chunk's index in `ordered`
+        row_chunk: list[int] = []        # for each decode row, its chunk's index in decodes + chains
         for i, c in enumerate(decodes):
             token_ids.append(c.seq.token_at(c.start))
             positions.append(c.start)
@@ -151,10 +188,12 @@ class ModelRunner:
         if self.fault_token_id >= 0 and self.fault_token_id in token_ids:
             raise RuntimeError(f"injected fault: token {self.fault_token_id} in the step")
         position_tensor = torch.tensor(positions, dtype=torch.long)
+        ordered = decodes + chains + others
         width = max(len(c.seq.block_table) for c in ordered)
         table = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in ordered],
                              dtype=torch.long)
         slot_parts: list[torch.Tensor] = []
+        slots_of: dict[ScheduledChunk, list[int]] = {}
         decode_slots = decode_mask = lengths = None
         num_rows = len(row_chunk)
         if num_rows:
@@ -171,17 +210,21 @@ class ModelRunner:
                 decode_mask = valid.view(1, num_rows, 1, max_len).to(device)
             decode_slots = decode_slots.to(device)
             row_slot_list = row_slots.tolist()
-            for c, slot in zip(decodes, row_slot_list):
-                c.slots = [slot]
-            first = len(decodes)
-            for c in chains:
-                c.slots = row_slot_list[first: first + len(c.tree.tokens)]
-                first += len(c.tree.tokens)
+            first = 0
+            for c in decodes + chains:
+                n = 1 if c.tree is None else len(c.tree.tokens)
+                slots_of[c] = row_slot_list[first: first + n]
+                first += n
         prefill_chunks: list[attention.PrefillChunk] = []
-        plain_chunks = [c for c in decodes if c.samples]
-        keep: list[int] = [i for i, c in enumerate(decodes) if c.samples]   # plain sampling rows first
+        # Rows whose logits are kept: the last row of each chunk that yields a token first, then the trees' rows.
+        keep: list[int] = []
+        kept_last: list[ScheduledChunk] = []
         tree_keep: list[int] = []
         tree_rows: list[tuple[ScheduledChunk, int, int]] = []               # (chunk, first row in tree_keep, count)
+        for row, c in enumerate(decodes):
+            if c.yields_token:
+                keep.append(row)
+                kept_last.append(c)
         offset = len(decodes)
         for c in chains:
             n = len(c.tree.tokens)
@@ -194,7 +237,7 @@ class ModelRunner:
         for i, c in enumerate(others):
             row = table[len(decodes) + len(chains) + i]
             n = len(c.tree.tokens) if c.tree is not None else c.end - c.start
-            scratch = c.tree is not None and not in_place(c.tree)
+            scratch = c.tree is not None and not c.tree.in_place
             if scratch:  # guesses share positions: their keys/values go to scratch slots until accepted
                 if scratch_used + n > self.cache.scratch_slots:
                     raise RuntimeError("the step's speculative rows exceed the KV cache's scratch slots")
@@ -203,7 +246,7 @@ class ModelRunner:
             else:
                 slots = self._slots(row, position_tensor[offset: offset + n])
             slot_parts.append(slots)
-            c.slots = slots.tolist()
+            slots_of[c] = slots.tolist()
             context_slots = mask = None
             if c.start > 0:
                 context_slots = torch.cat([self._slots(row, torch.arange(c.start, dtype=torch.long)), slots])
@@ -211,18 +254,20 @@ class ModelRunner:
                     tree_mask = torch.tensor(c.tree.mask, dtype=torch.bool)
                     mask = torch.cat([torch.ones(n, c.start, dtype=torch.bool), tree_mask], dim=1).to(device)
                 context_slots = context_slots.to(device)
-            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots, mask))
+            tree_offsets = None if c.tree is None else torch.tensor(c.tree.offsets, dtype=torch.long).to(device)
+            prefill_chunks.append(attention.PrefillChunk(offset, offset + n, c.start, context_slots, mask,
+                                                         tree_offsets))
             if c.tree is not None:
                 tree_rows.append((c, len(tree_keep), n))
                 tree_keep.extend(range(offset, offset + n))
-            elif c.samples:
+            elif c.yields_token:
                 keep.append(offset + n - 1)
-                plain_chunks.append(c)
+                kept_last.append(c)
             if c.want_hidden:
                 hidden_chunks.append((c, len(hidden), n))
                 hidden.extend(range(offset, offset + n))
             offset += n
-        num_plain = len(keep)
+        num_last = len(keep)
         keep.extend(tree_keep)
         attention.set_step_context(attention.StepContext(
             k_cache=self.cache.k, v_cache=self.cache.v, slot_mapping=torch.cat(slot_parts).to(device),
@@ -232,33 +277,43 @@ class ModelRunner:
         keep_rows = torch.tensor(keep, dtype=torch.long, device=device)
         hidden_rows = torch.tensor(hidden, dtype=torch.long, device=device) if hidden else None
         try:
-            if self.fast is not None:
-                logits, states = self.fast(input_ids, position_tensor.to(device), keep_rows, hidden_rows, num_layers)
-            else:
-                if num_layers is not None:
-                    raise RuntimeError("early-exit drafts need the Llama-family fast path")
-                out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=position_tensor.unsqueeze(0).to(device),
-                                 use_cache=False, logits_to_keep=keep_rows, output_hidden_states=bool(hidden))
-                logits = out.logits[0]
-                states = out.hidden_states[-1][0].index_select(0, hidden_rows) if hidden else None
+            logits, states = self._run_model(input_ids, position_tensor.to(device), keep_rows, hidden_rows, num_layers)
         finally:
             attention.set_step_context(None)
+        outputs = {c: ChunkOutput(range(0), slots_of[c]) for c in chunks}
+        for row, c in enumerate(kept_last):
+            outputs[c].rows = range(row, row + 1)
         for c, first, n in tree_rows:
-            c.logits = logits[num_plain + first: num_plain + first + n]
+            outputs[c].rows = range(num_last + first, num_last + first + n)
         for c, first, n in hidden_chunks:
-            c.hidden = states[first: first + n]
-        return logits[:num_plain], plain_chunks
+            outputs[c].hidden = states[first: first + n]
+        return StepOutput(logits, outputs)
 
-    def commit(self, source_slots: list[int], seq_block_table: list[int], start: int) -> None:
-        """Copies accepted speculative rows' keys/values from scratch slots to positions start.. of a sequence."""
-        table = torch.tensor(seq_block_table, dtype=torch.long)
-        target = self._slots(table, torch.arange(start, start + len(source_slots), dtype=torch.long))
-        self.cache.copy_slots(torch.tensor(source_slots, dtype=torch.long, device=self.device), target.to(self.device))
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, keep_rows: torch.Tensor,
+                   hidden_rows: torch.Tensor | None, num_layers: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The packed row through the fast path or transformers -> (kept rows' logits, hidden_rows' states)."""
+        if self.fast is not None:
+            return self.fast(input_ids, positions, keep_rows, hidden_rows, num_layers)
+        if num_layers is not None:
+            raise RuntimeError("early-exit drafts need the Llama-family fast path")
+        out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+                         logits_to_keep=keep_rows, output_hidden_states=hidden_rows is not None)
+        states = out.hidden_states[-1][0].index_select(0, hidden_rows) if hidden_rows is not None else None
+        return out.logits[0], states
 
+    def commit(self, chunk: ScheduledChunk, out: StepOutput, kv_rows: list[int]) -> None:
+        """Copies a tree's accepted rows' keys/values from its scratch slots to the sequence's positions
+        chunk.start.. (an in-place tree's rows are already there)."""
+        if chunk.tree is None or chunk.tree.in_place:
+            return
+        source = [out.chunks[chunk].slots[row] for row in kv_rows]
+        table = torch.tensor(chunk.seq.block_table, dtype=torch.long)
+        target = self._slots(table, torch.arange(chunk.start, chunk.start + len(source), dtype=torch.long))
+        self.cache.copy_slots(torch.tensor(source, dtype=torch.long, device=self.device), target.to(self.device))
 
-def in_place(tree) -> bool:
-    """A linear run of guesses (offsets 0, 1, 2... each attending all before it) is written at its own positions;
-    other trees (several guesses per position) go through scratch slots until accepted."""
-    n = len(tree.tokens)
-    return list(tree.offsets) == list(range(n)) and all(
-        tree.mask[i][j] == (j <= i) for i in range(n) for j in range(n))
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Gives child (no blocks) parent's cached positions: full blocks shared, a partly filled one copied."""
+        copy = self.blocks.fork(parent, child)
+        if copy is not None:
+            self.cache.copy_block(*copy, self.block_size)

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-MAX_LOGPROBS = 20
-SPECULATIVE_MODES = ("", "prompt_lookup", "draft", "lookahead")
+from common.decoding import MAX_LOGPROBS, is_greedy, strategy_error
 
 
 @dataclass(frozen=True)
@@ -36,8 +34,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # Below 1e-5 the scaled logits overflow; as in vLLM, such temperatures mean greedy.
-        return self.temperature < 1e-5
+        return is_greedy(self.temperature)
 
     def validate(self) -> None:
         """Rejects what would corrupt engine state or crash a step; the gateway gives users nicer messages."""
@@ -59,14 +56,7 @@ class SamplingParams:
             raise ValueError("logit_bias keys must be non-negative token ids")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        strategies = [name for name, on in (("num_beams", self.num_beams > 1), ("penalty_alpha", self.penalty_alpha > 0),
-                                            ("speculative", bool(self.speculative))) if on]
-        if len(strategies) > 1:
-            raise ValueError(f"{' and '.join(strategies)} select different decoding strategies; use one")
-        if self.speculative not in SPECULATIVE_MODES:
-            raise ValueError(f"speculative must be one of {', '.join(repr(m) for m in SPECULATIVE_MODES)}, "
-                             f"got {self.speculative!r}")
-        if (self.num_beams > 1 or self.penalty_alpha > 0 or self.speculative == "lookahead") and not self.greedy:
-            raise ValueError(f"{strategies[0]} is a greedy strategy: temperature must be 0")
+        if (problem := strategy_error(self)) is not None:
+            raise ValueError(problem)
         if self.penalty_alpha > 0 and self.top_k < 2:
             raise ValueError("contrastive search (penalty_alpha > 0) needs top_k >= 2 candidates")

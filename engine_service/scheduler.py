@@ -1,46 +1,60 @@
 """Who runs in the next step: decodes first, then chunks of waiting prompts within a per-step token budget.
 
-When the KV cache has no block for a running sequence, the youngest running sequence is preempted (its blocks
-freed, its tokens recomputed later) instead of failing a request. Never touches tensors.
+A decoding strategy's step reserves what it may write: `span` positions past the cache for each of its `members`
+(a request's own sequence, or its beams), and `scratch_rows` of the KV cache's scratch slots (guesses that share a
+position); a step whose scratch rows are taken waits for the next one. When the KV cache has no block for a
+running sequence, the youngest running sequence is preempted (its blocks freed, its tokens recomputed later)
+instead of failing a request. Never touches tensors.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine_service.kv_cache import BlockManager
 from engine_service.sequence import Sequence, SequenceStatus
 
+if TYPE_CHECKING:
+    from engine_service.decoding.tree import DraftTree
 
-@dataclass
+
+@dataclass(eq=False)
 class ScheduledChunk:
+    """Positions [start, end) of one sequence to compute in a step. What the model computed comes back in the
+    model runner's StepOutput; a chunk is never written to after it is made (strategies `replace` it)."""
     seq: Sequence
     start: int          # first position computed in this step
     end: int            # one past the last
-    # Set by the engine for a decoding strategy's step (speculative, lookahead, contrastive): rows of guessed
-    # tokens at positions start + offsets, with their own attention mask among themselves (a DraftTree).
-    tree: Any = None
+    # A decoding strategy's guesses (speculative, lookahead, contrastive): rows of tokens at positions
+    # start + offsets, with their own attention mask among themselves.
+    tree: DraftTree | None = None
     want_hidden: bool = False   # the runner returns the final hidden state of every row (contrastive search)
-    # Filled by the runner: a tree's logits for every row, the hidden states, and the cache slots written.
-    logits: Any = None
-    hidden: Any = None
-    slots: Any = None
+    # The chunk reaches the end of its sequence: its last row's logits give the next token.
+    yields_token: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """True when the chunk reaches the end of the sequence, so its last logits give the next token."""
-        return self.tree is None and self.end == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.yields_token = self.tree is None and self.end == self.seq.num_tokens
 
     @property
     def is_decode(self) -> bool:
         return self.start > 0 and self.end - self.start == 1
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 scratch_slots: int = 0) -> None:
         self.blocks = blocks
+        self.scratch_slots = scratch_slots  # the KV cache's slots for guesses that share a position, per step
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -55,44 +69,59 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running), waiting=len(self.waiting),
+                           kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used)
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Removes seq wherever it is and frees its blocks."""
+        """Removes seq wherever it is and frees its blocks (and its beams')."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        for member in seq.strategy.members(seq):
+            self.blocks.free(member)
         self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
+        scratch = self.scratch_slots
         chunks: list[ScheduledChunk] = []
         # 1. Running sequences: decodes, and the rest of prompts already being prefilled in chunks.
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
-            # A strategy step (speculative, lookahead, contrastive) writes up to `span` positions past the cache.
-            span = seq.strategy.span(seq) if seq.strategy is not None else 0
-            end = seq.num_computed + 1 if span else min(seq.num_tokens, seq.num_computed + budget)
-            needed = seq.num_computed + span if span else end
-            while not self.blocks.can_allocate(seq, needed):
+            # A strategy step (speculative, lookahead, contrastive, beams) writes up to `span` positions past the
+            # cache of each of its members; (member, positions to hold, chunk end) of each.
+            span = seq.strategy.span(seq)
+            rows = seq.strategy.scratch_rows(seq) if span else 0
+            if rows > scratch:
+                continue    # this step's scratch slots are taken: it waits for the next step
+            if span:
+                wanted = [(m, m.num_computed + span, m.num_computed + 1) for m in seq.strategy.members(seq)]
+            else:
+                end = min(seq.num_tokens, seq.num_computed + budget)
+                wanted = [(seq, end, end)]
+            while sum(self.blocks.blocks_needed(m, needed) for m, needed, _ in wanted) > self.blocks.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)   # the youngest is never before seq in the list: it has no chunk yet
                 if victim is seq:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            self.blocks.allocate(seq, needed)
-            chunks.append(ScheduledChunk(seq, seq.num_computed, end))
-            budget = max(0, budget - (span or end - seq.num_computed))
+            for member, needed, end in wanted:
+                self.blocks.allocate(member, needed)
+                chunks.append(ScheduledChunk(member, member.num_computed, end))
+                budget = max(0, budget - (span or end - member.num_computed))
+            scratch -= rows
         # 2. Waiting sequences, oldest first, while the budget, the sequence limit and the free blocks allow.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self._prefix_in_flight(seq):
                 break
-            # Contrastive search needs every context token's hidden state, which the prefix cache does not keep.
-            queried = 0 if seq.strategy is not None and seq.strategy.wants_hidden else self.blocks.match_prefix(seq)
+            queried = self.blocks.match_prefix(seq) if seq.strategy.prefix_cacheable else 0
             end = min(seq.num_tokens, seq.num_computed + budget)
             if not self.blocks.can_allocate(seq, end):
                 self.blocks.free(seq)

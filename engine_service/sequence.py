@@ -5,11 +5,14 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine_service.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from engine_service.decoding.base import Strategy
 
 
 @dataclass(frozen=True)
@@ -20,9 +23,18 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...] = ()   # (token id, logprob), most likely first
 
 
-# Called from the step loop with the new token ids, the finish reason ("" while running) and, when the request
-# asked for them, one TokenLogprobs per token id (else an empty list).
-OutputCallback = Callable[[list[int], str, list[TokenLogprobs]], None]
+@dataclass(frozen=True)
+class SequenceOutput:
+    """What the step loop hands a request's caller: its new tokens, and the finish reason once it ends."""
+    token_ids: list[int]
+    finish_reason: str = ""                     # "" while running; "stop", "length", "abort" or "error"
+    logprobs: list[TokenLogprobs] = field(default_factory=list)   # one per token id when the request asked
+    queue_seconds: float | None = None          # with the first token: arrival -> first scheduled
+    prefill_seconds: float | None = None        # with the first token: first scheduled -> first token
+
+
+# Called from the step loop thread.
+OutputCallback = Callable[[SequenceOutput], None]
 
 
 class SequenceStatus(enum.Enum):
@@ -47,7 +59,7 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     generator: torch.Generator | None = None
-    strategy: Any = None                  # a multi-row decoding strategy (engine_service.strategies), or None
+    strategy: Strategy | None = None      # its decoding strategy (engine_service.decoding), set by the engine
     num_steps: int = 0                    # forward passes that computed this sequence (speculative bookkeeping)
 
     @property
@@ -62,6 +74,15 @@ class Sequence:
         if end <= len(self.prompt_ids):
             return self.prompt_ids[start:end]
         return (self.prompt_ids + self.output_ids)[start:end]
+
+    def stop_reason(self, eos_token_ids: tuple[int, ...], max_context: int) -> str:
+        """Why the sequence ends after its last token: "stop", "length", or "" (it goes on)."""
+        token, params = self.output_ids[-1], self.params
+        if (not params.ignore_eos and token in eos_token_ids) or token in params.stop_token_ids:
+            return "stop"
+        if len(self.output_ids) >= params.max_tokens or self.num_tokens >= max_context:
+            return "length"
+        return ""
 
     @property
     def is_finished(self) -> bool:

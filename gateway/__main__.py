@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from common.logs import kv
 from common.server import run_service, run_until_signal, start_grpc_server
 from gateway.admission import Admission
-from gateway.openai_api import OpenAIServer
+from gateway.openai.server import OpenAIServer
 from gateway.pipeline import Pipeline
 from gateway.router import RouterSettings
-from gateway.server import GatewayServicer
-from gateway.service import GatewayService
+from gateway.front_door import FrontDoor
+from gateway.grpc_server import GatewayServicer
 from gateway.validation import Limits
 from splitserve.v1 import gateway_pb2_grpc
 
@@ -57,7 +57,7 @@ async def serve(config: GatewayConfig) -> None:
     limits = Limits(max_stop_strings=config.max_stop_strings, max_stop_string_chars=config.max_stop_string_chars,
                     max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens,
                     max_output_tokens=config.max_output_tokens)
-    gateway = GatewayService(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
+    gateway = FrontDoor(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
                              config.request_timeout_seconds or None)
     servicer = GatewayServicer(gateway)
     service = await start_grpc_server(

@@ -1,9 +1,11 @@
 """The gateway's client channels to its upstreams: found again quickly once a restarted service listens.
 
 gRPC's default reconnect backoff grows to two minutes, and while a channel waits it fails every call at once. So
-channels retry at least once a second (RECONNECT_OPTIONS), and a request whose upstream is not connected waits a
-moment for the channel (`wait_ready`) before its first call: the first request after a restart succeeds, and
-while a service is down requests still fail within a few seconds with UNAVAILABLE.
+every channel of the gateway (tokenizer and engines: CHANNEL_OPTIONS) retries at least once a second, and a
+request whose upstream is not connected waits a moment for the channel (`wait_ready`) before its first call: the
+first request after a restart succeeds, and while a service is down requests still fail within a few seconds
+with UNAVAILABLE. One second, not more: the router's health checks run every second too, and a retry a second
+costs one TCP connect per down upstream; a longer backoff only made restarted engines come back later.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import asyncio
 
 import grpc
 
-RECONNECT_OPTIONS = [
+from common.server import GRPC_OPTIONS
+
+CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-CONNECT_WAIT_SECONDS = 2.5   # longer than the slowest reconnect backoff of the gateway's channels (router: 2 s)
+CONNECT_WAIT_SECONDS = 2.5   # over two reconnect periods, jitter (±20 %) included
 
 
 async def wait_ready(channel: grpc.aio.Channel, remaining: float | None) -> None:

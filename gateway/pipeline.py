@@ -1,6 +1,6 @@
 """One request's path: tokenize -> prefill -> decode stream -> detokenize stream, with stop strings, deadlines,
 cancellation and the per-phase timings; with n > 1, one engine sequence per completion, their chunks merged.
-Both front doors (through gateway/service.py) iterate `Pipeline.generate`."""
+Both front doors (through gateway/front_door.py) iterate `Pipeline.generate`."""
 from __future__ import annotations
 
 import asyncio
@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import grpc
 
 from common.logs import kv
-from common.server import GRPC_OPTIONS
 from gateway import metrics
-from gateway.channels import RECONNECT_OPTIONS, wait_ready
+from gateway.channels import CHANNEL_OPTIONS, wait_ready
 from gateway.detokenize import SharedDetokenizer
 from gateway.errors import GatewayError, deadline_expired, from_rpc_error
 from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
-from gateway.token_texts import TokenTextCache
+from gateway.text_stream import TextPiece, TextStream
+from gateway.token_text_cache import TokenTextCache
 from gateway.validation import ValidRequest, fit_max_tokens
 from splitserve.v1 import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -67,7 +67,21 @@ class Completion:
     sampling: common_pb2.SamplingParams
     engine: EngineEndpoint | None = None       # the engine the router chose for it
     running: bool = False                      # the engine holds the sequence: abort it if we stop early
-    last_token: float | None = None
+    last_token: float | None = None            # when the last tokens arrived (the first: when prefill answered)
+    tokens_received: int = 0
+
+    def tokens_arrived(self, count: int) -> float:
+        """Observes the inter-token latency of tokens that arrive together (the gap since the last ones, spread
+        over them; the first token's gap is the TTFT's business) and counts them. Returns the time now."""
+        now = time.perf_counter()
+        if self.tokens_received:
+            gap = (now - (self.last_token or now)) / max(1, count)
+            for _ in range(count):
+                metrics.INTER_TOKEN_LATENCY.observe(gap)
+        self.last_token = now
+        self.tokens_received += count
+        metrics.GENERATION_TOKENS.inc(count)
+        return now
 
 
 def completions_of(request: ValidRequest) -> list[Completion]:
@@ -101,8 +115,7 @@ class Pipeline:
                  router_settings: RouterSettings = RouterSettings()) -> None:
         self.tokenizer_address = tokenizer_address
         self.engine_address = engine_address
-        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address,
-                                                            options=[*GRPC_OPTIONS, *RECONNECT_OPTIONS])
+        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=CHANNEL_OPTIONS)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.token_texts = TokenTextCache(self.tokenizer, tokenizer_address)
         self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address)
@@ -226,12 +239,8 @@ class Pipeline:
             completion.running = not prefill.finish_reason
 
             # 3 + 4. Decode stream -> detokenize stream -> stop strings -> client.
-            stops = StopMatcher(request.stop)
             want_logprobs = completion.sampling.HasField("logprobs")
-            received = kept = 0           # tokens from the engine; tokens returned (none past a stop string)
-            pending_ids: list[int] = []
-            pending_logprobs: list[common_pb2.TokenLogprobs] = []
-            detokenize = self.detokenizer.sequence(remaining())
+            stream = TextStream(self.detokenizer.sequence(remaining()), StopMatcher(request.stop))
             batches = self._token_batches(prefill, completion, remaining)
             try:
                 async for token_ids, reason, logprobs in batches:
@@ -240,41 +249,21 @@ class Pipeline:
                     if want_logprobs and len(logprobs) != len(token_ids):
                         raise GatewayError(grpc.StatusCode.INTERNAL, f"the engine sent {len(logprobs)} logprobs for "
                                                                      f"{len(token_ids)} tokens")
-                    now = time.perf_counter()
-                    if received:
-                        gap = (now - (completion.last_token or now)) / max(1, len(token_ids))
-                        for _ in token_ids:
-                            metrics.INTER_TOKEN_LATENCY.observe(gap)
-                    completion.last_token = now
-                    received += len(token_ids)
-                    metrics.GENERATION_TOKENS.inc(len(token_ids))
+                    now = completion.tokens_arrived(len(token_ids))
                     started = time.perf_counter()
-                    # Several tokens at once and stop strings: detokenize them one by one, so that the tokens after
-                    # the one that completes a stop string (and their logprobs) are dropped.
-                    pieces = [[t] for t in token_ids] if stops.stops and len(token_ids) > 1 else [token_ids]
-                    text, used = "", 0
-                    for i, piece in enumerate(pieces):
-                        final = bool(reason) and i == len(pieces) - 1
-                        text += stops.feed(await detokenize.add(piece, final), final=final)
-                        used += len(piece)
-                        if stops.stopped:
-                            break
+                    piece = await stream.add(token_ids, logprobs, reason)
                     timings.phases["detokenize"] += time.perf_counter() - started
-                    pending_ids.extend(token_ids[:used])
-                    pending_logprobs.extend(logprobs[:used])
-                    kept += used
-                    if stops.stopped:
-                        reason = "stop"
-                    if reason:
+                    if piece is None:
+                        continue
+                    chunk = await self._chunk(completion, piece, remaining)
+                    if piece.finish_reason:
                         timings.slowest("decode", now - prefill_done)
-                        yield await self._chunk(completion, text, pending_ids, pending_logprobs, remaining, reason,
-                                                len(prompt_ids), kept)
+                        chunk.prompt_tokens, chunk.completion_tokens = len(prompt_ids), stream.kept
+                    yield chunk
+                    if piece.finish_reason:
                         return
-                    if text:
-                        yield await self._chunk(completion, text, pending_ids, pending_logprobs, remaining)
-                        pending_ids, pending_logprobs = [], []
             finally:
-                detokenize.close()
+                stream.detokenize.close()
                 await batches.aclose()
         finally:
             if completion.engine is not None:
@@ -306,12 +295,11 @@ class Pipeline:
                 log.info("prefill retried on another engine %s",
                          kv(request_id=completion.request_id, engine=engine.address, code=exc.code().name))
 
-    async def _chunk(self, completion: Completion, text: str, token_ids: list[int],
-                     logprobs: list[common_pb2.TokenLogprobs], remaining: Remaining, finish_reason: str = "",
-                     prompt_tokens: int = 0, completion_tokens: int = 0) -> Chunk:
-        chunk = Chunk(text, token_ids, finish_reason, prompt_tokens, completion_tokens, completion.index, logprobs)
-        if logprobs:
-            chunk.token_bytes = await self.token_texts.fill(logprobs, remaining)
+    async def _chunk(self, completion: Completion, piece: TextPiece, remaining: Remaining) -> Chunk:
+        chunk = Chunk(piece.text, piece.token_ids, piece.finish_reason, index=completion.index,
+                      logprobs=piece.logprobs)
+        if piece.logprobs:
+            chunk.token_bytes = await self.token_texts.fill(piece.logprobs, remaining)
         return chunk
 
     async def _token_batches(self, prefill: engine_pb2.PrefillResponse, completion: Completion, remaining: Remaining

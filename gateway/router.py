@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.logs import kv
-from common.server import GRPC_OPTIONS
+from gateway.channels import CHANNEL_OPTIONS
 from gateway.decode import SharedDecode
 from gateway.errors import GatewayError
 from splitserve.v1 import engine_pb2, engine_pb2_grpc
@@ -33,13 +33,6 @@ log = logging.getLogger("splitserve.gateway.router")
 
 ENGINE_SERVICE = "splitserve.v1.Engine"
 DNS_SCHEME = "dns:///"
-# A restarted engine is found again within seconds, not after gRPC's default backoff of up to two minutes.
-ENGINE_CHANNEL_OPTIONS = [
-    *GRPC_OPTIONS,
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 @dataclass(frozen=True)
@@ -134,7 +127,7 @@ class EngineEndpoint:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=ENGINE_CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = engine_pb2_grpc.EngineStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.decode = SharedDecode(self.stub, address)   # the Decode stream of all requests on it

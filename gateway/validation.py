@@ -6,13 +6,12 @@ import uuid
 from dataclasses import dataclass
 
 from common.chat import CHAT_ROLES
+from common.decoding import MAX_LOGPROBS, is_greedy, strategy_error
 from gateway.errors import invalid
 from splitserve.v1 import common_pb2, gateway_pb2
 
 DEFAULT_MAX_TOKENS = 256
-GREEDY_BELOW_TEMPERATURE = 1e-5   # as vLLM: smaller temperatures are greedy (1e-40 would overflow the logits)
 MAX_REQUEST_ID_CHARS = 128
-MAX_LOGPROBS = 20                 # alternatives per token (as vLLM's default max_logprobs)
 MAX_LOGIT_BIAS = 300              # entries, as OpenAI
 MAX_N = 16                        # completions per request
 MAX_BEAMS = 16
@@ -20,7 +19,6 @@ MAX_SPECULATIVE_TOKENS = 16
 MAX_PROMPT_LOOKUP_NGRAM = 8
 MAX_LOOKAHEAD_WINDOW = 16
 LOOKAHEAD_NGRAM = (2, 8)
-SPECULATIVE_MODES = ("", "prompt_lookup", "draft", "lookahead")
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,14 @@ class ValidRequest:
     stop: list[str]
     limits: Limits = Limits()
     n: int = 1                               # completions: one engine sequence each (sampling.n is cleared)
+
+
+def assign_request_id(request: gateway_pb2.GenerateRequest) -> str:
+    """The request's id: the client's, else a new one, written into the request so that both front doors answer
+    with it (gRPC: in each chunk; HTTP: the reply's id and X-Request-Id). The one place an id is made."""
+    if not request.request_id:
+        request.request_id = uuid.uuid4().hex
+    return request.request_id
 
 
 def _finite(name: str, value: float) -> None:
@@ -64,7 +70,7 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
             messages.append((message.role, message.content))
         if sum(len(content) for _, content in messages) > limits.max_prompt_chars:
             raise invalid(f"the messages exceed {limits.max_prompt_chars} characters")
-    request_id = request.request_id or uuid.uuid4().hex
+    request_id = assign_request_id(request)
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise invalid(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
 
@@ -101,7 +107,7 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
             raise invalid(f"sampling.stop[{i}] is longer than {limits.max_stop_string_chars} characters")
     engine_params = common_pb2.SamplingParams()
     engine_params.CopyFrom(params)
-    if engine_params.temperature < GREEDY_BELOW_TEMPERATURE:
+    if is_greedy(engine_params.temperature):
         engine_params.temperature = 0.0
     del engine_params.stop[:]                 # stop strings are the gateway's business, never the engine's
     engine_params.ClearField("n")             # so is n: the gateway sends one sequence per completion
@@ -137,7 +143,7 @@ def _check_range(name: str, value: int, low: int, high: int, meaning: str = "") 
 
 def _check_decoding(params: common_pb2.SamplingParams) -> None:
     """logprobs, logit_bias, n and the decoding strategies (beam search, contrastive search, speculative)."""
-    greedy = params.temperature < GREEDY_BELOW_TEMPERATURE
+    greedy = is_greedy(params.temperature)
     if params.HasField("logprobs"):
         if params.logprobs < 0:
             raise invalid(f"sampling.logprobs must be >= 0 (0 = the chosen token's only), got {params.logprobs}")
@@ -160,9 +166,6 @@ def _check_decoding(params: common_pb2.SamplingParams) -> None:
                       "(one completion)")
     if params.n > 1 and greedy:
         raise invalid("sampling.n > 1 needs sampling (temperature > 0): greedy completions would all be the same")
-    if beams and not greedy:
-        raise invalid(f"beam search (sampling.num_beams > 1) is greedy: sampling.temperature must be 0, "
-                      f"got {params.temperature}")
     if beams and params.HasField("logprobs"):
         raise invalid("sampling.logprobs with num_beams > 1 is not supported")
     if not beams and (params.HasField("length_penalty") or params.early_stopping):
@@ -177,22 +180,8 @@ def _check_decoding(params: common_pb2.SamplingParams) -> None:
     if contrastive and params.top_k < 2:
         raise invalid(f"contrastive search (sampling.penalty_alpha > 0) needs sampling.top_k >= 2 candidates, "
                       f"got {params.top_k}")
-    if contrastive and not greedy:
-        raise invalid(f"contrastive search (sampling.penalty_alpha > 0) is deterministic: sampling.temperature "
-                      f"must be 0, got {params.temperature}")
-
-    if params.speculative not in SPECULATIVE_MODES:
-        raise invalid(f"sampling.speculative must be one of {', '.join(repr(m) for m in SPECULATIVE_MODES)}, "
-                      f"got {params.speculative!r}")
-    chosen = [name for name, on in (("beam search (num_beams > 1)", beams),
-                                    ("contrastive search (penalty_alpha > 0)", contrastive),
-                                    (f"speculative decoding (speculative={params.speculative!r})",
-                                     bool(params.speculative))) if on]
-    if len(chosen) > 1:
-        raise invalid(f"sampling: {' and '.join(chosen)} are different decoding strategies; choose one")
-    if params.speculative == "lookahead" and not greedy:
-        raise invalid(f"lookahead decoding (sampling.speculative='lookahead') is greedy only: sampling.temperature "
-                      f"must be 0, got {params.temperature}")
+    if (problem := strategy_error(params, prefix="sampling.")) is not None:
+        raise invalid(problem)
     _check_range("num_speculative_tokens", params.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS,
                  " (0 = the engine's default)")
     if params.num_speculative_tokens and not params.speculative:

@@ -60,9 +60,9 @@ def start_stack(model: Path | str, log_dir: Path, engine_args: list[str] | None 
 @pytest.fixture(scope="session")
 def tiny_stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # A small step budget so that prompts of the tests are also prefilled in several chunks.
-    # fp32 throughout (no bf16 small steps): greedy output must be token-identical to transformers.
+    # fp32 throughout (no compact decode weights): greedy output must be token-identical to transformers.
     stack = start_stack(tiny_model_dir, tmp_path_factory.mktemp("tiny-stack-logs"),
-                        ["--max-num-batched-tokens", "64", "--decode-lease-seconds", "5", "--small-step-bf16", "false"])
+                        ["--max-num-batched-tokens", "64", "--decode-lease-seconds", "5", "--compact-decode-weights", "false"])
     yield stack
     stack.stop()
 

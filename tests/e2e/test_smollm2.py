@@ -27,8 +27,8 @@ ALL_PROMPTS = PROMPTS + CHATS
 @pytest.fixture(scope="module")
 def smollm2_stack(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # The default model, as `make run` serves it ("smollm2" resolves to the converted GGUF folder), in fp32
-    # throughout: token-identical to transformers. The bf16 small-step path is checked below, in-process.
-    stack = start_stack("smollm2", tmp_path_factory.mktemp("smollm2-logs"), ["--small-step-bf16", "false"])
+    # throughout: token-identical to transformers. The compact decode weights are checked below, in-process.
+    stack = start_stack("smollm2", tmp_path_factory.mktemp("smollm2-logs"), ["--compact-decode-weights", "false"])
     yield stack
     stack.stop()
 
@@ -90,9 +90,9 @@ def test_compact_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, sm
     from engine_service.sampling import SamplingParams
 
     runner = ModelRunner(str(smollm2_dir), "smollm2", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 28,
-                         block_size=16, max_model_len=0, small_step_bf16=True)
+                         block_size=16, max_model_len=0, compact_decode_weights=True)
     fast = runner.fast
-    assert fast.decode_kernels is not None and fast.layers[0].qkv.small is not None
+    assert fast.decode_kernels is not None and fast.layers[0].qkv.bf16 is not None
     assert fast.lm_head.blocks is not None and all(w.gate_up.blocks is not None for w in fast.layers)
     engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=2048, max_waiting=64)
     engine.start()
@@ -102,9 +102,9 @@ def test_compact_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, sm
         outputs: list[list[int]] = [[] for _ in prompts]
 
         def collect(index: int):
-            def on_output(token_ids, reason, logprobs):
-                outputs[index].extend(token_ids)
-                if reason:
+            def on_output(output):
+                outputs[index].extend(output.token_ids)
+                if output.finish_reason:
                     done.release()
             return on_output
 

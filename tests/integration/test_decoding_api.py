@@ -16,7 +16,7 @@ from tests.helpers import make_request, prompt_ids, rpc_error, start_extra_gatew
 from tests.integration.test_lifecycle import scrape, wait_until
 from tests.unit.test_validation import INVALID_DECODING
 from splitserve.v1 import engine_pb2, gateway_pb2_grpc
-from tokenizer_service.token_texts import TokenTexts
+from tokenizer_service.token_bytes import TokenTexts
 
 PROMPT = "Once upon a time, in a land far away,"
 
@@ -164,7 +164,7 @@ def test_greedy_logprobs_are_the_models_own(gateway, tiny_model, tokenizer):
     with torch.inference_mode():
         logits = tiny_model(torch.tensor([ids + got.token_ids])).logits[0].float()
     reference = torch.log_softmax(logits[len(ids) - 1: -1], dim=-1)
-    texts = TokenTexts(tokenizer)
+    texts = TokenTexts(tokenizer.backend_tokenizer)
     for position, lp in enumerate(entries):
         assert len(lp.top) == 5
         assert lp.top[0].token_id == lp.token_id and lp.top[0].token == lp.token   # greedy: the most likely

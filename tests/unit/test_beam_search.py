@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from engine_service.beam_search import BeamSearch
+from engine_service.decoding.beam import BeamSearch
 from tests.helpers import prompt_ids
 from tests.prompts import PROMPTS
 

@@ -1,4 +1,4 @@
-"""Our CPU kernels (engine_service/cpu_kernels.cpp) against plain references: the GGUF block kernels against the
+"""Our CPU kernels (engine_service/model/cpu_kernels.cpp) against plain references: the GGUF block kernels against the
 dequantised matrix product, the one-call decode step against the eager forward pass, and a GGUF-sourced model
 served from its blocks against transformers."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from engine_service import cpu_kernels, gguf_weights
+from engine_service.model import cpu_kernels, gguf_weights
 from engine_service.engine import Engine
 from engine_service.model_runner import ModelRunner
 from engine_service.sampling import SamplingParams
@@ -63,10 +63,10 @@ def _decode_ready_engine(runner: ModelRunner, prompts: list[list[int]]) -> Engin
 def _decode_logits_both_ways(runner: ModelRunner, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
     chunks = engine.scheduler.schedule()
     assert chunks and all(c.is_decode for c in chunks)
-    kernel_logits, _ = runner.forward(chunks)
+    kernel_logits = runner.forward(chunks).logits
     kernels, runner.fast.decode_kernels = runner.fast.decode_kernels, None
     try:
-        eager_logits, _ = runner.forward(chunks)   # writes the same keys/values again: harmless
+        eager_logits = runner.forward(chunks).logits   # writes the same keys/values again: harmless
     finally:
         runner.fast.decode_kernels = kernels
     return kernel_logits, eager_logits
@@ -96,13 +96,13 @@ def tiny_qwen2_dir(tmp_path_factory, tokenizer) -> Path:
 def test_decode_kernel_equals_eager_forward(kernels, request, architecture, batch):
     folder = request.getfixturevalue("tiny_model_dir" if architecture == "llama" else "tiny_qwen2_dir")
     runner = ModelRunner(str(folder), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
-                         block_size=16, max_model_len=0, small_step_bf16=True)
+                         block_size=16, max_model_len=0, compact_decode_weights=True)
     assert runner.fast.decode_kernels is not None
     rng = np.random.default_rng(batch)
     prompts = [[int(t) for t in rng.integers(3, 49152, size=5 + 7 * i)] for i in range(batch)]
     engine = _decode_ready_engine(runner, prompts)
     kernel_logits, eager_logits = _decode_logits_both_ways(runner, engine)
-    assert kernel_logits.shape == (batch, runner.spec.vocab_size)
+    assert kernel_logits.shape == (batch, runner.model_spec.vocab_size)
     torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
 
 
@@ -126,9 +126,9 @@ def _generate(engine: Engine, request_id: str, ids: list[int], max_tokens: int, 
     tokens: list[int] = []
     done = threading.Event()
 
-    def collect(token_ids, reason, logprobs):
-        tokens.extend(token_ids)
-        if reason:
+    def collect(output):
+        tokens.extend(output.token_ids)
+        if output.finish_reason:
             done.set()
     engine.add_request(request_id, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True, **params), collect)
     assert done.wait(60)
@@ -174,7 +174,7 @@ def quantized_tiny_dir(tiny_model_dir, tmp_path_factory) -> Path:
 @needs_kernels
 def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir, tokenizer):
     runner = ModelRunner(str(quantized_tiny_dir), "tiny-gguf", torch.device("cpu"), torch.float32,
-                         kv_cache_bytes=1 << 24, block_size=16, max_model_len=0, small_step_bf16=True)
+                         kv_cache_bytes=1 << 24, block_size=16, max_model_len=0, compact_decode_weights=True)
     fast = runner.fast
     assert fast.lm_head.blocks is not None
     assert all(linear.blocks is not None for w in fast.layers for linear in (w.qkv, w.o, w.gate_up, w.down))
@@ -206,7 +206,7 @@ def test_blocks_that_do_not_match_the_weights_are_not_used(kernels, quantized_ti
     AutoTokenizer.from_pretrained(quantized_tiny_dir).save_pretrained(folder)
     (folder / gguf_weights.SOURCE_FILE).write_text((quantized_tiny_dir / gguf_weights.SOURCE_FILE).read_text())
     runner = ModelRunner(str(folder), "changed", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
-                         block_size=16, max_model_len=0, small_step_bf16=True)
+                         block_size=16, max_model_len=0, compact_decode_weights=True)
     assert runner.fast.layers[0].down.blocks is None
     assert runner.fast.layers[0].gate_up.blocks is not None
 
@@ -230,7 +230,7 @@ def test_speculative_chains_take_the_decode_kernel(kernels, tiny_model_dir, toke
     """A prompt-lookup step's chain of guesses is decode rows of one sequence: it runs in the one-call kernel,
     and (each row computed as a decode at its position would be) greedy output equals plain greedy."""
     runner = ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
-                         block_size=16, max_model_len=0, small_step_bf16=True)
+                         block_size=16, max_model_len=0, compact_decode_weights=True)
     counting = _CountingKernels(runner.fast.decode_kernels)
     runner.fast.decode_kernels = counting
     engine = Engine(runner, max_num_seqs=4, max_num_batched_tokens=2048, max_waiting=16)
@@ -238,14 +238,14 @@ def test_speculative_chains_take_the_decode_kernel(kernels, tiny_model_dir, toke
     try:
         prompts = [[5, 6, 7, 8] * 10, list(range(100, 140)) * 2, [9, 9, 9, 9, 9, 9],
                    tokenizer("the cat sat on the mat. the cat sat on the").input_ids]
-        drafts, chains = engine.spec_draft_tokens, 0
+        drafts, chains = engine.guesses_verified, 0
         for i, ids in enumerate(prompts):
             plain = _generate(engine, f"plain-{i}", ids, 24)
             counting.rows.clear()
             assert _generate(engine, f"lookup-{i}", ids, 24, speculative="prompt_lookup") == plain
             chains += sum(rows > 1 for rows in counting.rows)
         # Guesses were verified, and those steps went through the kernel with more rows than sequences.
-        assert engine.spec_draft_tokens > drafts and chains > 0
+        assert engine.guesses_verified > drafts and chains > 0
         assert engine.stats().kv_blocks_used == 0
     finally:
         engine.stop()
@@ -256,7 +256,7 @@ def test_early_exit_drafts_take_the_decode_kernel(kernels, tiny_model_dir, token
     """The "draft" strategy guesses with the first layers of the model: those passes run in the one-call kernel
     with fewer layers, and greedy output (every guess verified by the full model) equals plain greedy."""
     runner = ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
-                         block_size=16, max_model_len=0, small_step_bf16=True)
+                         block_size=16, max_model_len=0, compact_decode_weights=True)
     counting = _CountingKernels(runner.fast.decode_kernels)
     runner.fast.decode_kernels = counting
     engine = Engine(runner, max_num_seqs=4, max_num_batched_tokens=2048, max_waiting=16, draft_layers=1)

@@ -1,6 +1,7 @@
-"""IncrementalDetokenizer: deltas concatenate to tokenizer.decode(ids, skip_special_tokens=True), exactly,
-whatever the chunking, and never hold a broken character — on SmolLM2's byte-level BPE and on a small
-SentencePiece-style (Metaspace + byte fallback) vocabulary built here."""
+"""IncrementalDetokenizer: deltas concatenate to transformers' tokenizer.decode(ids, skip_special_tokens=True),
+exactly, whatever the chunking, and never hold a broken character — on SmolLM2's byte-level BPE (through the
+tokenizers library's DecodeStream) and on a small SentencePiece-style (Metaspace + byte fallback) vocabulary built
+here (through our own window)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from common.models import resolve_model
-from tokenizer_service.detokenizer import IncrementalDetokenizer
+from tokenizer_service.detokenizer import DecodeTraits, IncrementalDetokenizer
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 3:45 p.m.; isn't it?  Double  spaces.",
@@ -65,9 +66,15 @@ SENTENCEPIECE_LIKE = {(style, cleanup): build_sentencepiece_like(style, cleanup)
                       for style in ("metaspace", "llama") for cleanup in (False, True)}
 
 
+def detokenizer_of(tokenizer: PreTrainedTokenizerFast) -> IncrementalDetokenizer:
+    """The service's detokenizer over this transformers tokenizer's backend (none of them is a BPE model asking
+    for cleanup, which transformers would ignore)."""
+    return IncrementalDetokenizer(tokenizer.backend_tokenizer, cleanup=tokenizer.clean_up_tokenization_spaces)
+
+
 def stream(tokenizer, ids: list[int], sizes: list[int] | None = None, seed: int = 0) -> list[str]:
     """Feeds ids in chunks (sizes cycle; default: random 1-5), the last one final; returns the deltas."""
-    detokenizer = IncrementalDetokenizer(tokenizer)
+    detokenizer = detokenizer_of(tokenizer)
     rng = random.Random(seed)
     deltas, start, step = [], 0, 0
     while start < len(ids):
@@ -93,7 +100,7 @@ def test_deltas_concatenate_to_the_full_decode_without_broken_characters(smollm2
 def test_a_character_split_across_tokens_is_held_back_until_complete(smollm2) -> None:
     ids = smollm2("你好🙂").input_ids
     assert len(ids) > 3  # byte-level BPE splits these characters over several tokens
-    detokenizer = IncrementalDetokenizer(smollm2)
+    detokenizer = detokenizer_of(smollm2)
     deltas = [detokenizer.add([token_id]) for token_id in ids]
     assert "" in deltas  # some tokens completed nothing yet
     assert "".join(deltas) == "你好🙂"
@@ -126,19 +133,26 @@ def test_random_ids_keep_the_invariant_even_for_invalid_utf8(smollm2) -> None:
         assert "".join(stream(smollm2, ids, seed=trial)) == expected(smollm2, ids)
 
 
-def test_the_decode_window_stays_short_on_long_outputs(smollm2) -> None:
-    ids = smollm2(" ".join(TEXTS.values()) * 20).input_ids
-    detokenizer = IncrementalDetokenizer(smollm2)
+def test_byte_level_bpe_streams_through_decode_stream_and_byte_fallback_or_cleanup_through_our_window(smollm2):
+    assert DecodeTraits.of(smollm2.backend_tokenizer, False).streamable
+    for (style, cleanup), tokenizer in SENTENCEPIECE_LIKE.items():
+        assert not DecodeTraits.of(tokenizer.backend_tokenizer, cleanup).streamable, (style, cleanup)
+
+
+def test_the_decode_window_stays_short_on_long_outputs() -> None:
+    tokenizer = SENTENCEPIECE_LIKE[("metaspace", True)]
+    ids = tokenizer(" ".join(SENTENCES + CLEANUP_TEXTS) * 20).input_ids
+    detokenizer = detokenizer_of(tokenizer)
     longest = 0
     for token_id in ids:
         detokenizer.add([token_id])
         longest = max(longest, len(detokenizer.ids) - detokenizer.prefix_offset)
     assert len(ids) > 1000 and longest <= 12
-    assert detokenizer.text + detokenizer.add([], final=True) == expected(smollm2, ids)
+    assert detokenizer.text + detokenizer.add([], final=True) == expected(tokenizer, ids)
 
 
 def test_ids_after_final_and_out_of_vocabulary_ids_are_rejected(smollm2) -> None:
-    detokenizer = IncrementalDetokenizer(smollm2)
+    detokenizer = detokenizer_of(smollm2)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         detokenizer.add([len(smollm2)])
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -186,7 +200,7 @@ def test_cleanup_of_tokenization_spaces_is_applied_as_decode_does() -> None:
 def test_a_byte_fallback_run_is_held_until_it_ends() -> None:
     tokenizer = SENTENCEPIECE_LIKE[("metaspace", False)]
     ids = tokenizer("ab 中文 cd").input_ids
-    detokenizer = IncrementalDetokenizer(tokenizer)
+    detokenizer = detokenizer_of(tokenizer)
     deltas = [detokenizer.add([token_id]) for token_id in ids]
     byte_positions = [i for i, token in enumerate(tokenizer.convert_ids_to_tokens(ids)) if token.startswith("<0x")]
     assert len(byte_positions) == 6 and all(deltas[i] == "" for i in byte_positions)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from engine_service.drafting import Accepted, DraftTree, Lookahead, accept_greedy, chain, prompt_lookup
+from engine_service.decoding.lookahead import Lookahead
+from engine_service.decoding.speculative import prompt_lookup
+from engine_service.decoding.tree import Accepted, DraftTree, accept_greedy, chain
 from tests.helpers import prompt_ids, reference_greedy
 from tests.prompts import PROMPTS
 

@@ -11,6 +11,7 @@ import torch
 from engine_service.engine import Engine, EngineFullError, RequestError
 from engine_service.model_runner import ModelRunner
 from engine_service.sampling import SamplingParams
+from engine_service.sequence import SequenceOutput
 from tests.helpers import reference_greedy
 
 BLOCK_BYTES = 16 * 2 * 2 * 2 * 16 * 4   # tokens * (k, v) * layers * kv_heads * head_dim * fp32
@@ -28,11 +29,11 @@ class Collector:
     def callback(self, request_id: str):
         self.tokens[request_id] = []
 
-        def on_output(token_ids: list[int], reason: str, logprobs: list) -> None:
+        def on_output(output: SequenceOutput) -> None:
             with self.lock:
-                self.tokens[request_id].extend(token_ids)
-                if reason:
-                    self.reasons[request_id] = reason
+                self.tokens[request_id].extend(output.token_ids)
+                if output.finish_reason:
+                    self.reasons[request_id] = output.finish_reason
                     self.done.notify_all()
         return on_output
 
@@ -169,16 +170,16 @@ def test_requests_the_engine_cannot_take(tiny_model_dir):
     engine = make_engine(tiny_model_dir, max_waiting=1)
     try:
         with pytest.raises(RequestError):
-            engine.add_request("x", [], SamplingParams(), lambda ids, reason: None)
+            engine.add_request("x", [], SamplingParams(), lambda output: None)
         with pytest.raises(RequestError):
-            engine.add_request("x", [49152], SamplingParams(), lambda ids, reason: None)
+            engine.add_request("x", [49152], SamplingParams(), lambda output: None)
         with pytest.raises(RequestError, match="context"):
-            engine.add_request("x", [5] * 4096, SamplingParams(), lambda ids, reason: None)
+            engine.add_request("x", [5] * 4096, SamplingParams(), lambda output: None)
         with pytest.raises(ValueError, match="top_p"):
-            engine.add_request("x", [5], SamplingParams(top_p=0.0), lambda ids, reason: None)
+            engine.add_request("x", [5], SamplingParams(top_p=0.0), lambda output: None)
         engine.stop()  # nothing drains the queue now: the bound is reached at once
-        engine.add_request("y", [5], SamplingParams(), lambda ids, reason: None)
+        engine.add_request("y", [5], SamplingParams(), lambda output: None)
         with pytest.raises(EngineFullError):
-            engine.add_request("z", [5], SamplingParams(), lambda ids, reason: None)
+            engine.add_request("z", [5], SamplingParams(), lambda output: None)
     finally:
         engine.stop()

@@ -6,8 +6,9 @@ import asyncio
 
 import grpc
 
-from engine_service.sequence import TokenLogprobs
-from engine_service.server import DecodeOutbox, OutputStream, sampling_from_proto
+from engine_service.sequence import SequenceOutput, TokenLogprobs
+from engine_service.server import sampling_from_proto
+from engine_service.streams import DecodeOutbox, FirstToken, OutputStream
 from splitserve.v1 import common_pb2
 
 
@@ -33,30 +34,31 @@ def test_outputs_wait_for_their_stream_then_go_out_coalesced_with_their_logprobs
     async def scenario():
         stream = OutputStream(first=asyncio.get_running_loop().create_future(), request_id="r")
         lps = [TokenLogprobs(t, -0.1 * t, ((t, -0.1 * t), (99, -5.0))) for t in (1, 2, 3, 4, 5)]
-        stream.push([1, 2], "", lps[:2])              # several tokens at once (a speculative step)
-        stream.push([3], "", lps[2:3])
-        token, reason, first = await stream.first
-        assert (token, reason, first.token_id) == (1, "", 1)
-        assert [top.token_id for top in first.top] == [1, 99]
+        stream.push(SequenceOutput([1, 2], "", lps[:2], queue_seconds=0.5, prefill_seconds=0.25))  # a speculative step
+        stream.push(SequenceOutput([3], "", lps[2:3]))
+        first = await stream.first
+        assert (first.token_id, first.finish_reason, first.logprobs.token_id) == (1, "", 1)
+        assert (first.queue_seconds, first.prefill_seconds) == (0.5, 0.25)
+        assert [top.token_id for top in first.logprobs.top] == [1, 99]
 
         outbox = DecodeOutbox()                       # attached only now: what piled up goes out as one output
         stream.outbox, stream.key = outbox, 7
-        stream.push([4], "", lps[3:4])
+        stream.push(SequenceOutput([4], "", lps[3:4]))
         assert outbox.take() == [stream] and outbox.take() == []
         output = stream.take()
         assert (output.key, list(output.token_ids), output.finish_reason) == (7, [2, 3, 4], "")
         assert [lp.token_id for lp in output.logprobs] == [2, 3, 4] and not stream.finished
-        stream.push([5], "length", lps[4:])
+        stream.push(SequenceOutput([5], "length", lps[4:]))
         output = stream.take()
         assert (list(output.token_ids), output.finish_reason, stream.finished) == ([5], "length", True)
 
         plain = OutputStream(first=asyncio.get_running_loop().create_future())
-        plain.push([7], "stop", [])                   # no logprobs asked
-        assert await plain.first == (7, "stop", None)
+        plain.push(SequenceOutput([7], "stop"))       # no logprobs asked
+        assert await plain.first == FirstToken(7, "stop", None)
 
         failed = OutputStream(first=asyncio.get_running_loop().create_future(), request_id="f")
-        failed.push([8], "", [])
-        failed.push([], "error", [])
+        failed.push(SequenceOutput([8]))
+        failed.push(SequenceOutput([], "error"))
         output = failed.take()
         assert output.error_code == grpc.StatusCode.INTERNAL.value[0] and "'f'" in output.error
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import GatewayError
-from gateway.openai_api import ParamError, generate_request
+from gateway.openai.request import ParamError, generate_request
 from gateway.validation import Limits, validate
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}

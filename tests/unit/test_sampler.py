@@ -40,7 +40,7 @@ def same(ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def seq(params: SamplingParams, request_id: str = "s", prompt: list[int] | None = None,
         output: list[int] | None = None) -> Sequence:
     return Sequence(request_id=request_id, prompt_ids=list(prompt or [1, 2, 3]), params=params,
-                    on_output=lambda ids, reason, logprobs: None, output_ids=list(output or []))
+                    on_output=lambda output: None, output_ids=list(output or []))
 
 
 def hf_row(row: torch.Tensor, processor) -> torch.Tensor:

@@ -13,7 +13,8 @@ from engine_service.engine import Engine, RequestError
 from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence
-from engine_service.strategies import Speculative, contrastive_choice
+from engine_service.decoding.contrastive import contrastive_choice
+from engine_service.decoding.speculative import Speculative
 from tests.helpers import reference_greedy
 from tests.unit.test_engine import Collector, make_engine
 
@@ -55,10 +56,10 @@ def run(engine: Engine, prompts: list[list[int]], **params: object) -> list[list
 ], ids=["prompt-lookup", "prompt-lookup-k8-n1", "draft", "lookahead", "lookahead-w3-n2"])
 def test_speculative_greedy_equals_plain_greedy(engine, tiny_model, twenty_prompts, params):
     assert len(twenty_prompts) == 20
-    drafts_before = engine.spec_draft_tokens
+    drafts_before = engine.guesses_verified
     got = run(engine, twenty_prompts, **params)
     assert got == [reference_greedy(tiny_model, ids, MAX_TOKENS) for ids in twenty_prompts]
-    assert engine.spec_draft_tokens > drafts_before, "no step verified any guess: the test proves nothing"
+    assert engine.guesses_verified > drafts_before, "no step verified any guess: the test proves nothing"
     assert engine.stats().kv_blocks_used == 0
 
 
@@ -85,10 +86,23 @@ def reference_contrastive(model, ids: list[int], top_k: int, alpha: float, max_n
 def test_contrastive_search_equals_the_plain_reference(engine, tiny_model, twenty_prompts):
     prompts = twenty_prompts[:10]
     got = run(engine, prompts, penalty_alpha=0.6, top_k=4)
-    eos = engine.spec.eos_token_ids[0]
+    eos = engine.model_spec.eos_token_ids[0]
     assert got == [reference_contrastive(tiny_model, ids, 4, 0.6, MAX_TOKENS, eos) for ids in prompts]
     assert got != [reference_greedy(tiny_model, ids, MAX_TOKENS) for ids in prompts]   # it is not greedy
     assert engine.stats().kv_blocks_used == 0
+
+
+def test_guesses_past_the_scratch_slots_wait_a_step_and_change_nothing(engine, twenty_prompts, caplog):
+    """Twelve contrastive requests of 64 candidates need 768 scratch slots a step, more than the cache has: the
+    scheduler lets those that fit run and the others wait (no step fails); each gets the tokens it gets alone."""
+    prompts = twenty_prompts[:12]
+    assert len(prompts) * 64 > engine.scheduler.scratch_slots
+    params = {"penalty_alpha": 0.6, "top_k": 64}
+    together = run(engine, prompts, **params)
+    assert together == [run(engine, [ids], **params)[0] for ids in prompts]
+    assert all(len(tokens) == MAX_TOKENS or tokens[-1] in engine.model_spec.eos_token_ids for tokens in together)
+    assert engine.stats().kv_blocks_used == 0
+    assert "engine step failed" not in caplog.text
 
 
 def test_contrastive_choice_trades_probability_for_novelty():
@@ -122,7 +136,7 @@ def test_speculative_sampling_keeps_the_target_distribution(with_draft_model):
     for _ in range(20_000):
         guess = int(torch.multinomial(q, 1)) if with_draft_model else 0
         strategy.draft_probs = q.unsqueeze(0) if with_draft_model else None
-        tokens = strategy._accept_sampled(seq, [guess], logits.softmax(dim=-1), sampler)
+        tokens = strategy.accept_sampled(seq, [guess], logits.softmax(dim=-1), sampler)
         counts[tokens[0]] += 1
     assert chisquare(counts, (p * 20_000).tolist()).pvalue > 1e-3
 
@@ -145,10 +159,10 @@ def test_strategies_stream_one_logprob_per_token(engine, twenty_prompts, params)
     got: list = []
     reasons: list = []
 
-    def on_output(token_ids, reason, logprobs):
-        got.append((token_ids, logprobs))
-        if reason:
-            reasons.append(reason)
+    def on_output(output):
+        got.append((output.token_ids, output.logprobs))
+        if output.finish_reason:
+            reasons.append(output.finish_reason)
 
     engine.add_request("lp", twenty_prompts[5], SamplingParams(max_tokens=MAX_TOKENS, logprobs=3, **params), on_output)
     start = time.monotonic()

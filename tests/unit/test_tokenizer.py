@@ -91,7 +91,7 @@ def test_info_has_vocab_size_and_every_eos_id(prompt_tokenizer: PromptTokenizer,
 
 
 def test_detokenizer_round_trips_generated_text(prompt_tokenizer: PromptTokenizer) -> None:
-    ids = prompt_tokenizer.tokenizer("Sure — 你好 🙂!", add_special_tokens=False).input_ids
+    ids = prompt_tokenizer.backend.encode("Sure — 你好 🙂!", add_special_tokens=False).ids
     detokenizer = prompt_tokenizer.detokenizer()
     assert "".join(detokenizer.add([token_id]) for token_id in ids) + detokenizer.add([], final=True) == "Sure — 你好 🙂!"
 

@@ -96,7 +96,7 @@ def test_one_detokenize_stream_carries_interleaved_sequences(call, prompt_tokeni
     """Two sequences share the stream, their pieces interleaved in the same messages: each one's texts join to its
     own text, one result per piece, in order; final pieces forget them."""
     texts = {1: "Sure! 你好 🙂 done.", 2: "Another 🙂 story, told twice."}
-    ids = {n: prompt_tokenizer.tokenizer(t, add_special_tokens=False).input_ids + prompt_tokenizer.eos_token_ids
+    ids = {n: prompt_tokenizer.backend.encode(t, add_special_tokens=False).ids + prompt_tokenizer.eos_token_ids
            for n, t in texts.items()}
     chunks = {n: [i[k:k + 2] for k in range(0, len(i), 2)] for n, i in ids.items()}
     rounds = max(len(c) for c in chunks.values())
@@ -130,7 +130,7 @@ def test_one_detokenize_stream_carries_interleaved_sequences(call, prompt_tokeni
 def test_a_refused_piece_fails_only_its_sequence(call, prompt_tokenizer: PromptTokenizer) -> None:
     """Out of the vocabulary, a piece after final, a number that does not increase: that piece gets an error,
     the sequence is forgotten, and the stream serves the other sequences on it."""
-    hello = prompt_tokenizer.tokenizer("Hello", add_special_tokens=False).input_ids
+    hello = prompt_tokenizer.backend.encode("Hello", add_special_tokens=False).ids
 
     async def scenario(stub: Stub):
         stream = stub.Detokenize()
@@ -183,8 +183,9 @@ def test_get_info(call, prompt_tokenizer: PromptTokenizer) -> None:
         "SmolLM2-135M-Instruct", 49152, [2], True)
 
 
-def test_main_serves_on_free_ports_and_stops_on_sigterm(tmp_path) -> None:
-    """`python -m tokenizer_service --port 0 --metrics-port 0` binds free ports, serves, and exits 0 on SIGTERM."""
+def test_main_serves_on_free_ports_without_torch_and_stops_on_sigterm(tmp_path) -> None:
+    """`python -m tokenizer_service --port 0 --metrics-port 0` binds free ports, serves (chats and detokenizing
+    included) without ever loading torch, and exits 0 on SIGTERM."""
     import re
     import signal
     import subprocess
@@ -204,8 +205,14 @@ def test_main_serves_on_free_ports_and_stops_on_sigterm(tmp_path) -> None:
             time.sleep(0.1)
         port, metrics_port = int(found[1]), int(found[2])
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            info = tokenizer_pb2_grpc.TokenizerStub(channel).GetInfo(tokenizer_pb2.GetTokenizerInfoRequest())
-            assert info.vocab_size == 49152
+            stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+            assert stub.GetInfo(tokenizer_pb2.GetTokenizerInfoRequest()).vocab_size == 49152
+            ids = stub.Tokenize(tokenizer_pb2.TokenizeRequest(
+                messages=[common_pb2.ChatMessage(role="user", content="Hi 你好")])).token_ids
+            replies = stub.Detokenize(iter([tokenizer_pb2.DetokenizeRequest(pieces=[piece(1, ids, final=True)])]))
+            assert "Hi 你好" in next(iter(replies)).results[0].text
+        with open(f"/proc/{process.pid}/maps") as maps:   # torch's shared libraries, if it had been imported
+            assert "libtorch" not in maps.read()
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             assert b"splitserve_tokenizer_seconds" in response.read()
         process.send_signal(signal.SIGTERM)
@@ -225,7 +232,7 @@ def test_a_detokenizer_bug_fails_only_its_own_sequence(prompt_tokenizer: PromptT
     made = iter([prompt_tokenizer.detokenizer(), Broken()])
     live = []
     stream = DetokenizeStream(lambda: next(made), live.append)
-    hello = prompt_tokenizer.tokenizer("Hello", add_special_tokens=False).input_ids
+    hello = prompt_tokenizer.backend.encode("Hello", add_special_tokens=False).ids
     first = TokenizerServicer._detokenize(stream, piece(1, hello))
     broken = TokenizerServicer._detokenize(stream, piece(2, hello))
     assert (first.text, first.error) == ("Hello", "")
@@ -242,8 +249,8 @@ def test_the_gateways_shared_detokenizer_keeps_sequences_apart_and_ends_a_wait_a
     from gateway.detokenize import SharedDetokenizer
     from gateway.errors import GatewayError
 
-    hello = prompt_tokenizer.tokenizer("Hello", add_special_tokens=False).input_ids
-    world = prompt_tokenizer.tokenizer(" world", add_special_tokens=False).input_ids
+    hello = prompt_tokenizer.backend.encode("Hello", add_special_tokens=False).ids
+    world = prompt_tokenizer.backend.encode(" world", add_special_tokens=False).ids
 
     async def scenario(stub: Stub):
         shared = SharedDetokenizer(stub, "test")

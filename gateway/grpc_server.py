@@ -1,4 +1,4 @@
-"""The public Gateway gRPC servicer: protobuf in and out around GatewayService; GatewayError -> gRPC status."""
+"""The public Gateway gRPC servicer: protobuf in and out around the FrontDoor; GatewayError -> gRPC status."""
 from __future__ import annotations
 
 import time
@@ -7,12 +7,12 @@ from contextlib import aclosing
 import grpc
 
 from gateway.errors import GatewayError
-from gateway.service import GatewayService
+from gateway.front_door import FrontDoor
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, service: GatewayService) -> None:
+    def __init__(self, service: FrontDoor) -> None:
         self.service = service
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):

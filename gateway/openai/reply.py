@@ -1,13 +1,19 @@
 """OpenAI's response objects for one request, built from the pipeline's chunks: the whole answer, or its streamed
-chunks; `n` choices (chunks of different choices interleave, each names its index) and log-probabilities in
-OpenAI's two formats (chat: `logprobs.content`; completions: the legacy `tokens` / `token_logprobs` /
-`top_logprobs` / `text_offset`)."""
+chunks as server-sent events; `n` choices (chunks of different choices interleave, each names its index) and
+log-probabilities in OpenAI's two formats (chat: `logprobs.content`; completions: the legacy `tokens` /
+`token_logprobs` / `top_logprobs` / `text_offset`); and errors in OpenAI's body, with the HTTP status from the
+gRPC code in one table (`HTTP_STATUS`)."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
+from aiohttp import web
+
+from gateway.errors import GatewayError
 from gateway.pipeline import Chunk
 from splitserve.v1 import common_pb2
 
@@ -147,3 +153,35 @@ class Reply:
     def usage_event(self) -> dict[str, Any]:
         """With include_usage: one more chunk after every choice finished, with no choices and the usage."""
         return {**self._envelope([], chunk=True), "usage": self.usage()}
+
+
+# gRPC status -> HTTP status and OpenAI error type: the one place the two front doors' errors meet.
+HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+INTERNAL = (500, "internal_error")
+
+
+def error_body(code: grpc.StatusCode, message: str, param: str | None = None) -> tuple[int, dict[str, Any]]:
+    status, kind = HTTP_STATUS.get(code, INTERNAL)
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code.name.lower()}}
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    status, body = error_body(exc.code, exc.message, getattr(exc, "param", None))
+    return web.json_response(body, status=status)
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    """One server-sent event."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()

@@ -1,11 +1,11 @@
-"""What both front doors (gRPC and the OpenAI HTTP API) call for one request: validation, duplicate ids, admission
-(concurrency limits, shutdown), the deadline, the pipeline, and the per-request metrics — once, for both."""
+"""The front door both protocol servers (gRPC: grpc_server.py; OpenAI's HTTP API: openai/server.py) hand each
+request to: validation, duplicate ids, admission (concurrency limits, shutdown), the deadline, the pipeline, and
+the per-request metrics — once, for both."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -22,7 +22,7 @@ from splitserve.v1 import common_pb2, gateway_pb2
 log = logging.getLogger("splitserve.gateway")
 
 
-class GatewayService:
+class FrontDoor:
     def __init__(self, pipeline: Pipeline, limits: Limits, admission: Admission,
                  request_timeout: float | None = None) -> None:
         self.pipeline = pipeline
@@ -50,8 +50,6 @@ class GatewayService:
         finish_reason, code = "", grpc.StatusCode.OK
         request_id = ""
         metrics.REQUESTS_IN_FLIGHT.inc()
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex   # both front doors answer with the id (gRPC: in each chunk)
         try:
             valid = validate(request, self.limits)
             if valid.request_id in self.in_flight:

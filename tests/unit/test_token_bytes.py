@@ -13,7 +13,7 @@ from common.models import resolve_model
 from common.server import start_grpc_server
 from splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from tokenizer_service.server import TokenizerServicer
-from tokenizer_service.token_texts import TokenTexts, show
+from tokenizer_service.token_bytes import TokenTexts, show
 from tokenizer_service.tokenizer import PromptTokenizer
 
 
@@ -32,7 +32,7 @@ def test_byte_level_tokens_concatenate_to_the_text_and_split_characters_show_the
 
 
 def test_special_tokens_keep_their_text(smollm2):
-    eos = smollm2.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = smollm2.backend.token_to_id("<|im_end|>")
     assert smollm2.token_texts.lookup([eos])[0].text == "<|im_end|>"
 
 
@@ -48,7 +48,7 @@ def test_sentencepiece_byte_fallback_and_metaspace():
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-    texts = TokenTexts(tokenizer)
+    texts = TokenTexts(tokenizer.backend_tokenizer)
     ids = tokenizer("a 你", add_special_tokens=False).input_ids
     got = texts.lookup(ids)
     assert got[0].text == " a"

@@ -1,8 +1,11 @@
-"""Beam search bookkeeping, token for token the same as transformers' `generate(num_beams=k, do_sample=False)`.
+"""Beam search, token for token the same as transformers' `generate(num_beams=k, do_sample=False)`.
 
-The engine runs the live beams as ordinary sequences in its batched forward passes; after each pass it hands their
-next-token log-probabilities to `BeamSearch.step`, which says which beams live on (a parent and a token each) and
-when the search is over. No model, no KV cache here: the caller forks and drops the beams' caches.
+`BeamGroup` is the strategy: the request's sequence prefills the prompt; then its beams, sequences of their own
+that share the prompt's blocks, decode side by side in the batched forward pass (the scheduler reserves their
+blocks: they are the group's `members`). After each pass their next-token log-probabilities go to
+`BeamSearch.step`, the pure bookkeeping (no model, no cache), which says which beams live on (a parent and a token
+each) and when the search is over; the group forks and frees the beams' blocks accordingly. The text arrives when
+the search ends.
 
 transformers 5.x semantics, mirrored here (`GenerationMixin._beam_search` and helpers, batch size 1):
 - Candidates: the top K = max(2, 1 + n_eos) * num_beams of running_score + logprob over all live beams x vocab,
@@ -26,10 +29,19 @@ transformers relies on `torch.topk`; with real logits such ties do not occur.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from engine_service.decoding.base import Step, Strategy
+from engine_service.sampling import SamplingParams
+from engine_service.scheduler import ScheduledChunk
+from engine_service.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from engine_service.model_runner import StepOutput
 
 
 @dataclass
@@ -49,7 +61,7 @@ class BeamSearch:
     """One request's beam search. Call step() after each forward pass of the live beams, fork the beams as it
     says, and call best() once a step says done."""
 
-    def __init__(self, num_beams: int, max_new_tokens: int, eos_token_ids: Sequence[int],
+    def __init__(self, num_beams: int, max_new_tokens: int, eos_token_ids: Collection[int],
                  length_penalty: float = 1.0, early_stopping: bool = False, prompt_len: int = 0) -> None:
         # num_beams == 1 is greedy decoding in transformers, not a one-beam search: the engine's sampler does that.
         if num_beams < 2:
@@ -126,3 +138,68 @@ class BeamSearch:
         if not self.done:
             raise RuntimeError("the beam search is not over yet")
         return list(self.finished[0].tokens)
+
+
+class BeamGroup(Strategy):
+    def __init__(self, leader: Sequence, eos_token_ids: tuple[int, ...], max_new_tokens: int) -> None:
+        params: SamplingParams = leader.params
+        self.search = BeamSearch(params.num_beams, max_new_tokens, eos_token_ids, params.length_penalty,
+                                 params.early_stopping, len(leader.prompt_ids))
+        self.leader = leader                     # the request's own sequence
+        self.beams: list[Sequence] = []          # the live beams, in the search's order
+        self.started = False                     # the prompt's logits went to the search
+
+    def span(self, seq: Sequence) -> int:
+        return 1 if self.beams else 0
+
+    def members(self, seq: Sequence) -> list[Sequence]:
+        return self.beams or [seq]
+
+    @classmethod
+    def accept(cls, chunks: list[ScheduledChunk], out: StepOutput, step: Step) -> None:
+        by_group: dict[int, tuple[BeamGroup, dict[Sequence, ScheduledChunk]]] = {}
+        for c in chunks:
+            by_group.setdefault(id(c.seq.strategy), (c.seq.strategy, {}))[1][c.seq] = c
+        for group, computed in by_group.values():
+            rows = [computed[beam] for beam in group.beams if beam in computed]
+            if rows and len(rows) == len(group.beams):
+                group.advance(out.last_logits(rows), group.beams, step)
+            elif group.leader in computed and computed[group.leader].yields_token and not group.started:
+                # The prompt's logits start the search (once: after a preemption the beams already exist).
+                group.started = True
+                group.advance(out.last_logits([computed[group.leader]]), [group.leader], step)
+
+    def advance(self, logits: torch.Tensor, seqs: list[Sequence], step: Step) -> None:
+        """Feeds the live beams' (or, first, the prompt's) logits to the search; forks, extends and frees beams."""
+        leader = self.leader
+        # As generate: the processors (penalties, bias) act on the log-probabilities.
+        result = self.search.step(step.sampler.process(logits.float().log_softmax(dim=-1), seqs))
+        parents = self.beams or [leader]
+        if result.done:
+            for beam in self.beams:
+                step.free(beam)
+            self.beams = []
+            step.emit(leader, self.search.best())
+            if not leader.is_finished:
+                step.finish(leader, "length")
+            return
+        reused: set[int] = set()
+        beams: list[Sequence] = []
+        for index in result.parents:
+            parent = parents[index]
+            if parent is not leader and index not in reused:
+                reused.add(index)     # the first child continues its parent's blocks; the others copy them
+                beams.append(parent)
+                continue
+            # A request's beams share its id (the engine retries a failed step request by request).
+            child = Sequence(request_id=leader.request_id, prompt_ids=leader.prompt_ids,
+                             params=leader.params, on_output=leader.on_output, output_ids=list(parent.output_ids),
+                             status=SequenceStatus.RUNNING, strategy=self)
+            step.fork(parent, child)
+            beams.append(child)
+        for index, parent in enumerate(parents):
+            if parent is not leader and index not in reused:
+                step.free(parent)
+        for beam, token in zip(beams, result.tokens):
+            beam.output_ids.append(token)
+        self.beams = beams

@@ -1,11 +1,5 @@
-"""The OpenAI-compatible HTTP API, served by aiohttp on the gateway's event loop beside the gRPC server.
-
-One implementation, two front doors: each handler turns OpenAI JSON into the public `GenerateRequest`, and runs it
-through the same `GatewayService.generate` as the gRPC API (same validation, limits, pipeline and metrics).
-
-Routes: POST /v1/completions, POST /v1/chat/completions (server-sent events with `"stream": true`), GET /v1/models,
-GET /health, GET /metrics. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`; the status
-comes from the gRPC code in one table (`HTTP_STATUS`).
+"""OpenAI's request JSON read into the public `GenerateRequest` (the same validation as the gRPC API follows in the
+front door): field types checked and named in errors (`ParamError.param`), OpenAI's defaults and names mapped.
 
 Differences from the gRPC API: an unset `temperature` is 1.0, as in OpenAI's API (gRPC: unset = 0 = greedy),
 except with a greedy-only strategy (num_beams > 1, penalty_alpha > 0, speculative "lookahead"), where it is 0.
@@ -15,42 +9,17 @@ SDK's extra_body sends). `best_of`, `echo`, `suffix`, tools and token-id prompts
 from __future__ import annotations
 
 import json
-import logging
-import time
-import uuid
-from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from typing import Any
 
 import grpc
-import prometheus_client
-from aiohttp import web
 
+from common.decoding import greedy_only_strategy
 from gateway.errors import GatewayError
-from gateway.openai_reply import Reply
-from gateway.service import GatewayService
 from splitserve.v1 import common_pb2, gateway_pb2
-
-log = logging.getLogger("splitserve.gateway.http")
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
-
-# gRPC status -> HTTP status and OpenAI error type: the one place the two front doors' errors meet.
-HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled"),
-    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
-}
-INTERNAL = (500, "internal_error")
 
 
 class ParamError(GatewayError):
@@ -61,17 +30,30 @@ class ParamError(GatewayError):
         self.param = param
 
 
-def error_body(code: grpc.StatusCode, message: str, param: str | None = None) -> tuple[int, dict[str, Any]]:
-    status, kind = HTTP_STATUS.get(code, INTERNAL)
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": code.name.lower()}}
+def read_body(raw: bytes) -> dict[str, Any]:
+    """The request body: a JSON object."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:   # bad JSON, invalid UTF-8, absurd nesting or numbers
+        raise ParamError(None, f"the request body is not valid JSON: {type(exc).__name__}: {exc}") from None
+    if not isinstance(body, dict):
+        raise ParamError(None, f"the request body must be a JSON object, got {_type_name(body)}")
+    return body
 
 
-def error_response(exc: GatewayError) -> web.Response:
-    status, body = error_body(exc.code, exc.message, getattr(exc, "param", None))
-    return web.json_response(body, status=status)
+def requested_model(body: dict[str, Any]) -> str | None:
+    """The `model` asked for; None when unset or empty (the served model)."""
+    model = body.get("model")
+    return None if model is None or model == "" else _text(model, "model")
 
 
-# ---- reading OpenAI JSON ---------------------------------------------------------------------------------------
+def stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ParamError("stream_options", "stream_options must be an object")
+    return bool(_bool(body, "stream")), bool(_bool(options, "include_usage"))
+
 
 def _type_name(value: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
@@ -202,10 +184,6 @@ def _extensions(body: dict[str, Any], params: common_pb2.SamplingParams) -> None
             setattr(params, name, value)
 
 
-def _greedy_strategy(params: common_pb2.SamplingParams) -> bool:
-    return params.num_beams > 1 or params.penalty_alpha > 0 or params.speculative == "lookahead"
-
-
 def sampling_from(body: dict[str, Any], chat: bool) -> common_pb2.SamplingParams:
     """OpenAI's (and vLLM's extra, and splitserve's decoding) fields -> SamplingParams; ranges and combinations
     are checked by gateway.validation."""
@@ -218,7 +196,7 @@ def sampling_from(body: dict[str, Any], chat: bool) -> common_pb2.SamplingParams
     _extensions(body, params)
     temperature = _float(body, "temperature")
     if temperature is None:   # OpenAI's default, unless the strategy is greedy only
-        temperature = 0.0 if _greedy_strategy(params) else OPENAI_DEFAULT_TEMPERATURE
+        temperature = 0.0 if greedy_only_strategy(params) else OPENAI_DEFAULT_TEMPERATURE
     params.temperature = temperature
     for name in ("top_p", "repetition_penalty"):
         value = _float(body, name)
@@ -292,137 +270,3 @@ def generate_request(body: dict[str, Any], chat: bool, request_id: str) -> gatew
         if not request.prompt:
             raise ParamError("prompt", "prompt must not be empty")
     return request
-
-
-# ---- the server ------------------------------------------------------------------------------------------------
-
-def _sse(payload: dict[str, Any] | str) -> bytes:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
-
-
-class OpenAIServer:
-    def __init__(self, service: GatewayService, served_model_name: str = "", max_body_bytes: int = 16 * 1024 * 1024,
-                 shutdown_grace: float = 30.0) -> None:
-        self.service = service
-        self.served_model_name = served_model_name
-        self.created = int(time.time())
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
-        self.app.add_routes([
-            web.post("/v1/completions", self.completions),
-            web.post("/v1/chat/completions", self.chat_completions),
-            web.get("/v1/models", self.models),
-            web.get("/health", self.health),
-            web.get("/metrics", self.metrics),
-        ])
-        # handler_cancellation: a client that disconnects cancels its handler, which aborts the engine sequence.
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=shutdown_grace,
-                                    access_log=None)
-        self.port: int | None = None
-
-    async def start(self, host: str, port: int) -> int:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
-        return self.port
-
-    async def stop(self) -> None:
-        """Stops listening, lets in-flight requests finish within the shutdown grace, then cancels them."""
-        await self.runner.cleanup()
-
-    @web.middleware
-    async def _errors(self, request: web.Request,
-                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except GatewayError as exc:
-            return error_response(exc)
-        except web.HTTPException as exc:   # unknown route, wrong method, body too large
-            if exc.status < 400:
-                raise
-            code = grpc.StatusCode.NOT_FOUND if exc.status in (404, 405) else grpc.StatusCode.INVALID_ARGUMENT
-            _, body = error_body(code, f"{request.method} {request.path}: {exc.reason}")
-            return web.json_response(body, status=exc.status)
-        except Exception as exc:  # a bug: say so, keep serving the others
-            log.exception("HTTP handler crashed %s", request.path)
-            _, body = error_body(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-            return web.json_response(body, status=500)
-
-    async def _model_name(self) -> str:
-        return self.served_model_name or (await self.service.model_info()).model
-
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:   # bad JSON, invalid UTF-8, absurd nesting or numbers
-            raise ParamError(None, f"the request body is not valid JSON: {type(exc).__name__}: {exc}") from None
-        if not isinstance(body, dict):
-            raise ParamError(None, f"the request body must be a JSON object, got {_type_name(body)}")
-        model = body.get("model")
-        if model is not None and model != "":      # unset or empty: the served model
-            name = await self._model_name()
-            if _text(model, "model") != name:
-                raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this server "
-                                                              f"serves {name!r} (see GET /v1/models)")
-        return body
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        body = await self._body(request)
-        request_id = request.headers.get("X-Request-Id", "") or uuid.uuid4().hex
-        generate = generate_request(body, chat, request_id)
-        stream = bool(_bool(body, "stream"))
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise ParamError("stream_options", "stream_options must be an object")
-        include_usage = bool(_bool(options, "include_usage"))
-        model = await self._model_name()
-        reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", model,
-                      logprobs=generate.sampling.HasField("logprobs"))
-        headers = {"X-Request-Id": request_id}
-        async with aclosing(self.service.generate(generate, None)) as chunks:
-            if not stream:
-                async for chunk in chunks:
-                    reply.add(chunk)
-                return web.json_response(reply.whole(), headers=headers)
-            first = await anext(chunks)   # errors before the first chunk get a plain HTTP status
-            response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
-                                                   "Cache-Control": "no-cache"})
-            await response.prepare(request)
-            try:
-                for event in reply.deltas(first, include_usage):
-                    await response.write(_sse(event))
-                async for chunk in chunks:
-                    for event in reply.deltas(chunk, include_usage):
-                        await response.write(_sse(event))
-                if include_usage:
-                    await response.write(_sse(reply.usage_event()))
-            except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
-                _, error = error_body(exc.code, exc.message)
-                await response.write(_sse(error))
-            await response.write(_sse("[DONE]"))
-            await response.write_eof()
-            return response
-
-    async def models(self, request: web.Request) -> web.Response:
-        info = await self.service.model_info()
-        name = self.served_model_name or info.model
-        return web.json_response({"object": "list", "data": [{
-            "id": name, "object": "model", "created": self.created, "owned_by": "splitserve",
-            "root": info.model, "max_model_len": info.max_context_length}]})
-
-    async def health(self, request: web.Request) -> web.Response:
-        if self.service.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        return web.json_response({"status": "ok"})
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=prometheus_client.generate_latest(),
-                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
+from tokenizers import Tokenizer
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 METASPACE = "\u2581"
@@ -39,9 +39,8 @@ def _byte_level_table() -> dict[str, int]:
     return {chr(char): byte for byte, char in zip(printable, chars)}
 
 
-def _decoder_types(tokenizer: PreTrainedTokenizerBase) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return "" if backend is None else json.dumps(json.loads(backend.to_str()).get("decoder"), ensure_ascii=False)
+def _decoder_types(backend: Tokenizer) -> str:
+    return json.dumps(json.loads(backend.to_str()).get("decoder"), ensure_ascii=False)
 
 
 def show(raw: bytes) -> str:
@@ -54,23 +53,23 @@ def show(raw: bytes) -> str:
 class TokenTexts:
     """Maps token ids to their TokenText for one tokenizer."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = len(tokenizer)
-        decoder = _decoder_types(tokenizer)
+    def __init__(self, backend: Tokenizer) -> None:
+        self.backend = backend
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        decoder = _decoder_types(backend)
         self.byte_level = '"ByteLevel"' in decoder
         self.byte_fallback = '"ByteFallback"' in decoder
         self.metaspace = '"Metaspace"' in decoder or METASPACE in decoder
-        self.added = {token_id: token.content for token_id, token in tokenizer.added_tokens_decoder.items()}
+        self.added = {token_id: token.content for token_id, token in backend.get_added_tokens_decoder().items()}
 
     def raw(self, token_id: int) -> bytes:
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
         if token_id in self.added:
             return self.added[token_id].encode("utf-8")
-        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        piece = self.backend.id_to_token(token_id)
         if piece is None:
-            return self.tokenizer.decode([token_id]).encode("utf-8")
+            return self.backend.decode([token_id]).encode("utf-8")
         if self.byte_level:
             table = _byte_level_table()
             if all(char in table for char in piece):
@@ -79,7 +78,7 @@ class TokenTexts:
             return bytes([int(match.group(1), 16)])
         if self.metaspace:
             return piece.replace(METASPACE, " ").encode("utf-8")
-        return self.tokenizer.decode([token_id], clean_up_tokenization_spaces=False).encode("utf-8")
+        return self.backend.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
     def lookup(self, token_ids: Sequence[int]) -> list[TokenText]:
         return [TokenText(show(raw), raw) for raw in map(self.raw, token_ids)]

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine_service import attention, gguf_weights
-from engine_service.attention import paged_attention_core
-from engine_service.linear import BLOCKS_STEP, SMALL_STEP, Linear
+from engine_service.model import attention, gguf_weights
+from engine_service.model.attention import paged_attention_core
+from engine_service.model.linear import BLOCKS_ROWS, COMPACT_ROWS, Linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 WEIGHTS_PER_LAYER = 7   # the one-call kernel's weights of one layer (decode_weights)
@@ -42,10 +42,10 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 class FastLlama:
-    def __init__(self, model: torch.nn.Module, small_step_bf16: bool = False,
+    def __init__(self, model: torch.nn.Module, compact_decode_weights: bool = False,
                  gguf: gguf_weights.GGUFBlocks | None = None) -> None:
-        """small_step_bf16: decode steps read compact weights (the GGUF's own blocks where the model came from
-        one, else a bf16 copy); gguf: that file's blocks."""
+        """compact_decode_weights: decode steps read compact weights (the GGUF's own blocks where the model came
+        from one, else a bf16 copy); gguf: that file's blocks."""
         config = model.config
         self.hf_model = model
         self.num_heads = config.num_attention_heads
@@ -56,7 +56,7 @@ class FastLlama:
         self.scaling = self.head_dim ** -0.5
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        self.lm_head = Linear(model.lm_head.weight, small_step_bf16=small_step_bf16)
+        self.lm_head = Linear(model.lm_head.weight, compact=compact_decode_weights)
         kernels = self.lm_head.kernels
         gguf_weights.give_blocks(self.lm_head, gguf, kernels, gguf_weights.head_tensor_names(gguf),
                                  model.lm_head.weight)
@@ -70,13 +70,13 @@ class FastLlama:
                      "down": mlp.down_proj.weight}
             weights = LayerWeights(
                 input_norm=layer.input_layernorm.weight,
-                qkv=Linear(fused["qkv"], torch.cat(biases) if biases[0] is not None else None, small_step_bf16),
-                o=Linear(fused["o"], attn.o_proj.bias, small_step_bf16),
+                qkv=Linear(fused["qkv"], torch.cat(biases) if biases[0] is not None else None, compact_decode_weights),
+                o=Linear(fused["o"], attn.o_proj.bias, compact_decode_weights),
                 post_norm=layer.post_attention_layernorm.weight,
-                gate_up=Linear(fused["gate_up"], None, small_step_bf16),
-                down=Linear(fused["down"], None, small_step_bf16),
+                gate_up=Linear(fused["gate_up"], None, compact_decode_weights),
+                down=Linear(fused["down"], None, compact_decode_weights),
             )
-            if small_step_bf16:
+            if compact_decode_weights:
                 for name, names in gguf_weights.layer_tensor_names(index).items():
                     gguf_weights.give_blocks(getattr(weights, name), gguf, kernels, names, fused[name])
             self.layers.append(weights)
@@ -84,22 +84,22 @@ class FastLlama:
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                            mlp.down_proj):
                 module.weight = None
-        # Plain decode steps of up to SMALL_STEP rows run every layer in one call of our kernel (cpu_kernels.cpp):
+        # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp):
         # the weights it reads per step, from GGUF blocks where the step is small enough for them, else bf16.
         self.decode_kernels = kernels if self._fits_decode_kernel() else None
         self.decode_weights = {}
         if self.decode_kernels is not None:
             empty = torch.empty(0)
-            for small in (True, False):
-                self.decode_weights[small] = [   # WEIGHTS_PER_LAYER tensors per layer, in the kernel's order
+            for blocks in (True, False):
+                self.decode_weights[blocks] = [   # WEIGHTS_PER_LAYER tensors per layer, in the kernel's order
                     tensor for w in self.layers for tensor in (
-                        w.input_norm.contiguous(), w.qkv.compact(small),
-                        empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(small),
-                        w.post_norm.contiguous(), w.gate_up.compact(small), w.down.compact(small))]
+                        w.input_norm.contiguous(), w.qkv.compact(blocks),
+                        empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(blocks),
+                        w.post_norm.contiguous(), w.gate_up.compact(blocks), w.down.compact(blocks))]
 
     def _fits_decode_kernel(self) -> bool:
         return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
-                and all(w.o.bias is None and w.qkv.small is not None for w in self.layers))
+                and all(w.o.bias is None and w.qkv.bf16 is not None for w in self.layers))
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As transformers' LlamaRMSNorm: normalise in fp32, scale in the model's dtype.
@@ -124,11 +124,11 @@ class FastLlama:
         step = attention.current_step()
         tokens = x.shape[0]
         if (self.decode_kernels is not None and hidden_rows is None and not step.prefills
-                and step.num_decode == tokens <= SMALL_STEP and step.k_cache[0].dtype == torch.float32):
+                and step.num_decode == tokens <= COMPACT_ROWS and step.k_cache[0].dtype == torch.float32):
             layers = len(self.layers) if num_layers is None else num_layers   # fewer: an early-exit draft
             x = self.decode_kernels.decode_layers(
                 x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache[:layers],
-                step.v_cache[:layers], self.decode_weights[tokens <= BLOCKS_STEP][:WEIGHTS_PER_LAYER * layers],
+                step.v_cache[:layers], self.decode_weights[tokens <= BLOCKS_ROWS][:WEIGHTS_PER_LAYER * layers],
                 self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
             return self.lm_head(self._rms_norm(x.index_select(0, keep), self.final_norm)), None
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]

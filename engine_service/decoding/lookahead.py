@@ -1,93 +1,51 @@
-"""Draft proposers for greedy speculative decoding: prompt lookup, lookahead decoding, and the rule that accepts them.
-
-Pure logic, no model. Each step the engine asks for a `DraftTree`, runs ONE forward pass over its rows (row 0 is
-the sequence's last token, the only one not yet in the KV cache), takes the argmax of every row and asks
-`accept_greedy` (or `Lookahead.accept`) which tokens are new. The output is token-identical to plain greedy
-decoding because a row's token is accepted only if it equals the argmax of its parent row, and a row attends
-exactly the cached context plus its ancestors in the tree, at contiguous positions, so the parent's argmax is
-what plain greedy would have produced there.
-"""
+"""Lookahead decoding (Fu et al., 2023): greedy only, output identical to plain greedy. `Lookahead` is the pure
+algorithm (the Jacobi window and the n-gram pool, no model); `LookaheadStrategy` runs it in the engine's step."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine_service.decoding.base import Guessing, Step, StepResult, decoding, logprobs_of, room
+from engine_service.decoding.speculative import DEFAULT_SPECULATIVE_TOKENS
+from engine_service.decoding.tree import Accepted, DraftTree, accept_greedy, ancestor_mask
+from engine_service.scheduler import ScheduledChunk
+from engine_service.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine_service.model_runner import StepOutput
+
+DEFAULT_LOOKAHEAD_WINDOW = 5
+DEFAULT_LOOKAHEAD_NGRAM = 4
 
 
-@dataclass
-class DraftTree:
-    tokens: list[int]             # row 0 = context[-1]
-    offsets: list[int]            # position of each row minus the position of row 0 (row 0: 0)
-    mask: list[list[bool]]        # mask[i][j]: row i attends row j (j <= i, mask[i][i] True, all rows attend row 0)
+class LookaheadStrategy(Guessing):
+    def __init__(self, window: int, ngram: int, num_verify: int, context: int) -> None:
+        self.window = window or DEFAULT_LOOKAHEAD_WINDOW
+        self.ngram = ngram or DEFAULT_LOOKAHEAD_NGRAM
+        self.lookahead = Lookahead(self.window, self.ngram, num_verify or DEFAULT_SPECULATIVE_TOKENS)
+        self.context = context
 
-    def parent(self, row: int) -> int:
-        """The row's predecessor on its path: the attended row one position earlier (row 0 has none: -1)."""
-        if row == 0:
-            return -1
-        for j in range(row - 1, -1, -1):
-            if self.mask[row][j] and self.offsets[j] == self.offsets[row] - 1:
-                return j
-        raise ValueError(f"row {row} attends no row at the position before its own")
+    def span(self, seq: Sequence) -> int:
+        return 1 + self.window + self.ngram if decoding(seq) else 0
 
+    def scratch_rows(self, seq: Sequence) -> int:
+        return self.lookahead.max_rows(seq.output_ids[-1]) if self.span(seq) else 0
 
-@dataclass
-class Accepted:
-    tokens: list[int]             # new tokens, >= 1; tokens[0] is always argmax of row 0 (plain greedy decoding)
-    kv_rows: list[int]            # rows whose keys/values must be kept, in position order: [0] + the rows of tokens[:-1]
+    def guess(self, seq: Sequence, step: Step) -> DraftTree | None:
+        if room(seq, self.context) < 2:
+            return None
+        tree = self.lookahead.plan(seq.prompt_ids + seq.output_ids)
+        if max(tree.offsets) >= self.span(seq):
+            raise RuntimeError(f"lookahead tree reaches offset {max(tree.offsets)}, past its span {self.span(seq)}")
+        return tree
 
-
-def chain(context_last: int, drafts: list[int]) -> DraftTree:
-    """Linear drafts after the last token: row i sits at offset i and attends rows 0..i (a causal mask)."""
-    n = 1 + len(drafts)
-    return DraftTree(tokens=[context_last, *drafts], offsets=list(range(n)),
-                     mask=[[j <= i for j in range(n)] for i in range(n)])
-
-
-def accept_greedy(tree: DraftTree, argmax: list[int]) -> Accepted:
-    """The longest path from row 0 whose every token equals the argmax of its parent row, plus the bonus token
-    (the argmax of the path's last row). For a chain this is the usual greedy speculative rule.
-
-    Ties between equally long paths go to the lowest row index, so the answer does not depend on anything but the
-    tree and the argmax.
-    """
-    if len(argmax) != len(tree.tokens):
-        raise ValueError(f"{len(argmax)} argmax values for {len(tree.tokens)} rows")
-    # Parents precede children (mask[i][j] only for j <= i), so one pass in row order decides every row.
-    accepted = [True] + [False] * (len(tree.tokens) - 1)
-    best = 0
-    for row in range(1, len(tree.tokens)):
-        parent = tree.parent(row)
-        accepted[row] = accepted[parent] and tree.tokens[row] == argmax[parent]
-        if accepted[row] and tree.offsets[row] > tree.offsets[best]:
-            best = row
-    path = [best]
-    while path[-1] != 0:
-        path.append(tree.parent(path[-1]))
-    path.reverse()                # row 0 first, in position order
-    return Accepted(tokens=[tree.tokens[row] for row in path[1:]] + [argmax[best]], kv_rows=path)
-
-
-def prompt_lookup(context: list[int], max_ngram: int, num_drafts: int) -> list[int]:
-    """Drafts copied from the context: find an earlier occurrence of the context's last n tokens (the longest n
-    from max_ngram down to 1 that occurs) and propose the tokens that followed it. [] when nothing matches.
-
-    Unlike transformers' PromptLookupCandidateGenerator, which takes the earliest occurrence, we take the most
-    recent one: the nearest text is the best predictor when a model repeats itself (a loop, a list being extended,
-    code being edited), and a later occurrence already reflects any change made since an older one.
-    The copy may run into the text that follows the occurrence up to the end of the context and then on into the
-    drafts themselves (as an LZ77 copy does), so a period shorter than num_drafts still yields num_drafts drafts.
-    """
-    if num_drafts <= 0 or max_ngram <= 0:
-        return []
-    for n in range(min(max_ngram, len(context) - 1), 0, -1):
-        suffix = context[-n:]
-        # Occurrences other than the suffix itself, newest first; start + n < len(context) leaves a token to copy.
-        for start in range(len(context) - n - 1, -1, -1):
-            if context[start:start + n] == suffix:
-                source = context[:]
-                for k in range(num_drafts):
-                    source.append(source[start + n + k])
-                return source[len(context):]
-    return []
+    def verify(self, chunk: ScheduledChunk, out: StepOutput, step: Step) -> StepResult:
+        seq, tree = chunk.seq, chunk.tree
+        logits = out.logits_of(chunk)
+        processed = step.sampler.process(logits, [seq] * len(tree.tokens))
+        result: Accepted = self.lookahead.accept(tree, processed.argmax(dim=-1).tolist())
+        return StepResult(result.tokens, result.kv_rows, logprobs_of(seq, logits[result.kv_rows], result.tokens),
+                          guesses=len(tree.tokens) - 1)
 
 
 class Lookahead:
@@ -126,6 +84,12 @@ class Lookahead:
         self._tree: DraftTree | None = None
         self._window_rows: list[list[int]] = []      # tree row of each window entry, same shape as levels
 
+    def max_rows(self, last_token: int) -> int:
+        """Rows of the next plan at most (n-grams sharing a start share rows): its scratch-slot reservation."""
+        window = sum(map(len, self.levels)) if self.levels else self.window + self.ngram - 3
+        candidates = self.pool.get(last_token, [])
+        return 1 + window + sum(map(len, candidates[max(0, len(candidates) - self.max_verify):]))
+
     def plan(self, context: list[int]) -> DraftTree:
         """Lookahead branch (the window) and verification branch (pool n-grams after context[-1]) in one tree."""
         if not self.levels:
@@ -155,7 +119,7 @@ class Lookahead:
                     offsets.append(offsets[parent] + 1)
                     parents.append(parent)
                 parent = children[parent, token]
-        self._tree = DraftTree(tokens=tokens, offsets=offsets, mask=_ancestor_mask(parents))
+        self._tree = DraftTree(tokens=tokens, offsets=offsets, mask=ancestor_mask(parents))
         return self._tree
 
     def accept(self, tree: DraftTree, argmax: list[int]) -> Accepted:
@@ -192,16 +156,3 @@ class Lookahead:
         grams.append(gram)
         if len(grams) > self.max_verify:
             del grams[0]
-
-
-def _ancestor_mask(parents: list[int]) -> list[list[bool]]:
-    """Each row attends itself and its ancestors."""
-    mask = []
-    for row, parent in enumerate(parents):
-        attended = [False] * len(parents)
-        attended[row] = True
-        if parent >= 0:
-            attended[:row] = mask[parent][:row]
-            attended[parent] = True
-        mask.append(attended)
-    return mask

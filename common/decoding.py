@@ -1,0 +1,52 @@
+"""The decoding limits and rules that both the gateway and the engine apply, written once.
+
+The gateway applies them to the public request (to give users a clear INVALID_ARGUMENT); the engine re-applies
+them to what it is sent, because a request that breaks them would corrupt its state. Both hold the same field
+names (protobuf `SamplingParams` in the gateway, the engine's dataclass), so the rules read either.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+MAX_LOGPROBS = 20                  # alternatives per token (as vLLM's default max_logprobs)
+SPECULATIVE_MODES = ("", "prompt_lookup", "draft", "lookahead")
+# As vLLM: smaller temperatures are greedy (dividing the logits by 1e-40 would overflow them).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+class StrategyFields(Protocol):
+    temperature: float
+    num_beams: int
+    penalty_alpha: float
+    speculative: str
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW_TEMPERATURE
+
+
+def strategy_error(params: StrategyFields, prefix: str = "") -> str | None:
+    """What is wrong with the decoding strategy that `params` ask for, or None. `prefix` names the fields as the
+    caller's users know them (the gateway: "sampling.").
+
+    The rules: `speculative` is one of SPECULATIVE_MODES; one strategy at a time (beam search, contrastive search,
+    speculative decoding run on different step shapes); beam search, contrastive search and lookahead decoding are
+    greedy-only strategies (they pick tokens by score, not by sampling)."""
+    if params.speculative not in SPECULATIVE_MODES:
+        return (f"{prefix}speculative must be one of {', '.join(repr(m) for m in SPECULATIVE_MODES)}, "
+                f"got {params.speculative!r}")
+    beams = f"beam search ({prefix}num_beams > 1)"
+    contrastive = f"contrastive search ({prefix}penalty_alpha > 0)"
+    speculative = f"speculative decoding ({prefix}speculative={params.speculative!r})"
+    asked = [name for name, on in ((beams, params.num_beams > 1), (contrastive, params.penalty_alpha > 0),
+                                   (speculative, bool(params.speculative))) if on]
+    if len(asked) > 1:
+        return f"{' and '.join(asked)} are different decoding strategies; choose one"
+    if greedy_only_strategy(params) and not is_greedy(params.temperature):
+        return f"{asked[0]} is greedy only: {prefix}temperature must be 0, got {params.temperature}"
+    return None
+
+
+def greedy_only_strategy(params: StrategyFields) -> bool:
+    """Beam search, contrastive search and lookahead decoding choose tokens by score: they never sample."""
+    return params.num_beams > 1 or params.penalty_alpha > 0 or params.speculative == "lookahead"

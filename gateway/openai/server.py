@@ -1,0 +1,145 @@
+"""The OpenAI-compatible HTTP API, served by aiohttp on the gateway's event loop beside the gRPC server.
+
+One implementation, two front doors: each handler turns OpenAI JSON into the public `GenerateRequest`
+(request.py), runs it through the same `FrontDoor.generate` as the gRPC API (same validation, limits, pipeline
+and metrics), and answers in OpenAI's objects (reply.py).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (server-sent events with `"stream": true`), GET /v1/models,
+GET /health, GET /metrics. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+import prometheus_client
+from aiohttp import web
+
+from gateway.errors import GatewayError
+from gateway.front_door import FrontDoor
+from gateway.openai.reply import Reply, error_body, error_response, sse
+from gateway.openai.request import generate_request, read_body, requested_model, stream_options
+from gateway.validation import assign_request_id
+
+log = logging.getLogger("splitserve.gateway.http")
+
+
+class OpenAIServer:
+    def __init__(self, service: FrontDoor, served_model_name: str = "", max_body_bytes: int = 16 * 1024 * 1024,
+                 shutdown_grace: float = 30.0) -> None:
+        self.service = service
+        self.served_model_name = served_model_name
+        self.created = int(time.time())
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        self.app.add_routes([
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics),
+        ])
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts the engine sequence.
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=shutdown_grace,
+                                    access_log=None)
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return self.port
+
+    async def stop(self) -> None:
+        """Stops listening, lets in-flight requests finish within the shutdown grace, then cancels them."""
+        await self.runner.cleanup()
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return error_response(exc)
+        except web.HTTPException as exc:   # unknown route, wrong method, body too large
+            if exc.status < 400:
+                raise
+            code = grpc.StatusCode.NOT_FOUND if exc.status in (404, 405) else grpc.StatusCode.INVALID_ARGUMENT
+            _, body = error_body(code, f"{request.method} {request.path}: {exc.reason}")
+            return web.json_response(body, status=exc.status)
+        except Exception as exc:  # a bug: say so, keep serving the others
+            log.exception("HTTP handler crashed %s", request.path)
+            _, body = error_body(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            return web.json_response(body, status=500)
+
+    async def _model_name(self) -> str:
+        return self.served_model_name or (await self.service.model_info()).model
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        body = read_body(await request.read())
+        model = requested_model(body)
+        if model is not None:      # unset or empty: the served model
+            name = await self._model_name()
+            if model != name:
+                raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this server "
+                                                              f"serves {name!r} (see GET /v1/models)")
+        return body
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body = await self._body(request)
+        generate = generate_request(body, chat, request.headers.get("X-Request-Id", ""))
+        request_id = assign_request_id(generate)
+        stream, include_usage = stream_options(body)
+        model = await self._model_name()
+        reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", model,
+                      logprobs=generate.sampling.HasField("logprobs"))
+        headers = {"X-Request-Id": request_id}
+        async with aclosing(self.service.generate(generate, None)) as chunks:
+            if not stream:
+                async for chunk in chunks:
+                    reply.add(chunk)
+                return web.json_response(reply.whole(), headers=headers)
+            first = await anext(chunks)   # errors before the first chunk get a plain HTTP status
+            response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache"})
+            await response.prepare(request)
+            try:
+                for event in reply.deltas(first, include_usage):
+                    await response.write(sse(event))
+                async for chunk in chunks:
+                    for event in reply.deltas(chunk, include_usage):
+                        await response.write(sse(event))
+                if include_usage:
+                    await response.write(sse(reply.usage_event()))
+            except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
+                _, error = error_body(exc.code, exc.message)
+                await response.write(sse(error))
+            await response.write(sse("[DONE]"))
+            await response.write_eof()
+            return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        info = await self.service.model_info()
+        name = self.served_model_name or info.model
+        return web.json_response({"object": "list", "data": [{
+            "id": name, "object": "model", "created": self.created, "owned_by": "splitserve",
+            "root": info.model, "max_model_len": info.max_context_length}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.service.draining:
+            return web.json_response({"status": "draining"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=prometheus_client.generate_latest(),
+                            headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
