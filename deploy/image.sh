@@ -17,13 +17,17 @@ args=(-f deploy/Dockerfile --build-arg "VARIANT=$VARIANT" -t "$IMAGE")
 [ "${NO_CACHE:-0}" = 0 ] || args+=(--no-cache)
 
 BUILDER=${BUILDER:-auto}   # auto: docker when its engine answers, else buildah
-if [ "$BUILDER" = docker ] || { [ "$BUILDER" = auto ] && command -v docker >/dev/null && docker info >/dev/null 2>&1; }; then
+docker_runs() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
+if [ "$BUILDER" = docker ] || { [ "$BUILDER" = auto ] && docker_runs; }; then
   [ -z "${TORCH_INDEX_URL+set}" ] || args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
   [ -z "${BASE_IMAGE:-}" ] || args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
   exec docker build "${args[@]}" .
 fi
 
-command -v buildah >/dev/null || { echo "neither a Docker engine nor buildah: run deploy/install-tools.sh" >&2; exit 1; }
+if ! command -v buildah >/dev/null; then
+  echo "neither a Docker engine nor buildah: run deploy/install-tools.sh" >&2
+  exit 1
+fi
 BASE_IMAGE=${BASE_IMAGE:-localhost/debian-python:bookworm}
 if [[ $BASE_IMAGE == localhost/* ]]; then BASE_IMAGE=$BASE_IMAGE bash deploy/base-image.sh; fi
 args+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
