@@ -79,5 +79,6 @@ def load_config(cls: type[T], argv: list[str] | None = None, description: str = 
 
 
 def describe(config: Any) -> str:
-    """One line with every field, for the start-up log."""
-    return " ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+    """One line with every field, for the start-up log (secrets shown only as set or not)."""
+    return " ".join(f"{f.name}={'<set>' if getattr(config, f.name) else '<unset>'}" if f.metadata.get("secret")
+                    else f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))

@@ -9,6 +9,15 @@ from __future__ import annotations
 from typing import Protocol
 
 MAX_LOGPROBS = 20                  # alternatives per token (as vLLM's default max_logprobs)
+MAX_LOGIT_BIAS = 300               # entries, as OpenAI
+MAX_BEAMS = 16
+MAX_SPECULATIVE_TOKENS = 16
+MAX_PROMPT_LOOKUP_NGRAM = 8
+MAX_LOOKAHEAD_WINDOW = 16
+LOOKAHEAD_NGRAM = (2, 8)           # 0 = default, else in this range
+# The engine's hard bound on stop_token_ids (the gateway's --max-stop-token-ids, default 128, must stay below it):
+# the engine looks each new token up in them, and beam search draws (1 + len(ids)) x num_beams candidates.
+MAX_STOP_TOKEN_IDS = 1024
 SPECULATIVE_MODES = ("", "prompt_lookup", "draft", "lookahead")
 # As vLLM: smaller temperatures are greedy (dividing the logits by 1e-40 would overflow them).
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -19,6 +28,10 @@ class StrategyFields(Protocol):
     num_beams: int
     penalty_alpha: float
     speculative: str
+    num_speculative_tokens: int
+    prompt_lookup_max_ngram: int
+    lookahead_window: int
+    lookahead_ngram: int
 
 
 def is_greedy(temperature: float) -> bool:
@@ -50,3 +63,19 @@ def strategy_error(params: StrategyFields, prefix: str = "") -> str | None:
 def greedy_only_strategy(params: StrategyFields) -> bool:
     """Beam search, contrastive search and lookahead decoding choose tokens by score: they never sample."""
     return params.num_beams > 1 or params.penalty_alpha > 0 or params.speculative == "lookahead"
+
+
+def range_error(params: StrategyFields, prefix: str = "") -> str | None:
+    """The first of the strategies' numeric fields out of its range, as a message, or None."""
+    ranges = (("num_beams", 0, MAX_BEAMS, " (0 or 1 = no beam search)"),
+              ("num_speculative_tokens", 0, MAX_SPECULATIVE_TOKENS, " (0 = the engine's default)"),
+              ("prompt_lookup_max_ngram", 0, MAX_PROMPT_LOOKUP_NGRAM, " (0 = default)"),
+              ("lookahead_window", 0, MAX_LOOKAHEAD_WINDOW, " (0 = default)"))
+    for name, low, high, meaning in ranges:
+        value = getattr(params, name)
+        if not low <= value <= high:
+            return f"{prefix}{name} must be in [{low}, {high}]{meaning}, got {value}"
+    if params.lookahead_ngram and not LOOKAHEAD_NGRAM[0] <= params.lookahead_ngram <= LOOKAHEAD_NGRAM[1]:
+        return (f"{prefix}lookahead_ngram must be 0 (default) or in [{LOOKAHEAD_NGRAM[0]}, {LOOKAHEAD_NGRAM[1]}], "
+                f"got {params.lookahead_ngram}")
+    return None

@@ -54,7 +54,9 @@ def resolve_model(model: str) -> str:
 def model_display_name(model: str) -> str:
     if model == DEFAULT_MODEL:
         return "SmolLM2-135M-Instruct"
-    return Path(model).name if os.path.isdir(model) else model
+    if os.path.isdir(model) or model.endswith(".gguf"):
+        return Path(model).name   # a name, never a path: the served model's id is shown to every client
+    return model
 
 
 def _converted_gguf(gguf: Path) -> Path:

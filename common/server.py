@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.config import describe, load_config
 from common.logs import kv, setup_logging
+from common.security import ApiKeyInterceptor, ApiKeys, TlsFiles
 
 log = logging.getLogger("splitserve.server")
 
@@ -26,8 +27,7 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+]   # a peer pinging faster than that gets GOAWAY after grpc's default 2 strikes: no ping floods
 
 
 def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -59,15 +59,28 @@ async def start_grpc_server(
     port: int,
     metrics_port: int | None,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
+    tls: TlsFiles | None = None,
+    api_keys: ApiKeys | None = None,
+    max_concurrent_rpcs: int | None = None,
+    serving: bool = True,
 ) -> GrpcService:
-    """Binds host:port (0 picks a free port), registers health and reflection, starts /metrics when asked."""
-    server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    """Binds host:port (0 picks a free port), registers health and reflection, starts /metrics when asked.
+    With `tls` it serves TLS only (mutual TLS when it has a CA); with `api_keys` every call but health needs a key;
+    calls beyond `max_concurrent_rpcs` are refused RESOURCE_EXHAUSTED. `serving=False` starts NOT_SERVING (the
+    caller flips it once it could answer a request)."""
+    interceptors = [ApiKeyInterceptor(api_keys)] if api_keys else []
+    server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=interceptors,
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
     add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = tls.server_credentials() if tls else None
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot bind gRPC port {host}:{port}")
     bound_metrics = None
@@ -76,7 +89,7 @@ async def start_grpc_server(
         bound_metrics = http_server.server_port
     await server.start()
     service = GrpcService(server, health_servicer, bound, bound_metrics, names)
-    await service.set_serving(True)
+    await service.set_serving(serving)
     return service
 
 

@@ -17,6 +17,8 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.security import TlsFiles, sync_channel
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -48,17 +50,19 @@ class Service:
     log_path: Path | None = None
 
 
-def wait_serving(address: str, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> None:
-    """Polls grpc.health.v1 until the server says SERVING; fails early if its process died."""
+def wait_serving(address: str, timeout: float, alive: subprocess.Popen[bytes] | None = None,
+                 tls: TlsFiles | None = None, ready: bool = True) -> None:
+    """Polls grpc.health.v1 until the server says SERVING (or, with ready=False, answers at all: a gateway whose
+    upstreams are down is up but NOT_SERVING); fails early if its process died."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if alive is not None and alive.poll() is not None:
                 raise RuntimeError(f"the server for {address} exited with code {alive.returncode}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING or not ready:
                     return
             except grpc.RpcError:
                 pass
@@ -77,13 +81,16 @@ class Stack:
     log_dir: Path | None = None        # None: the services write to this process's stdout/stderr
     tokenizer_address: str = ""        # the gateway's upstreams: default, this stack's own services
     engine_address: str = ""
+    tokenizer_args: list[str] = field(default_factory=list)
+    tls: TlsFiles | None = None        # how this process reaches the services (their health checks)
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         p, common = self.ports, ["--host", self.host]
         self.services = {
             "tokenizer": Service("tokenizer", ["-m", "tokenizer_service", *common, "--model", self.model,
-                                               "--port", str(p.tokenizer), "--metrics-port", str(p.tokenizer_metrics)],
+                                               "--port", str(p.tokenizer), "--metrics-port", str(p.tokenizer_metrics),
+                                               *self.tokenizer_args],
                                  p.tokenizer),
             "engine": Service("engine", ["-m", "engine_service", *common, "--model", self.model,
                                          "--port", str(p.engine), "--metrics-port", str(p.engine_metrics),
@@ -111,16 +118,16 @@ class Stack:
         if out is not None:
             out.close()  # the child holds its own copy
 
-    def _wait(self, name: str, timeout: float) -> None:
+    def _wait(self, name: str, timeout: float, ready: bool = True) -> None:
         try:
-            wait_serving(self.address(name), timeout, self.services[name].process)
+            wait_serving(self.address(name), timeout, self.services[name].process, self.tls, ready)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{name} did not start: {exc}\n{self.log_tail(name)}") from None
 
-    def start_service(self, name: str, timeout: float = 300) -> None:
-        """(Re)starts one service, e.g. after a test killed it."""
+    def start_service(self, name: str, timeout: float = 300, ready: bool = True) -> None:
+        """(Re)starts one service, e.g. after a test killed it; ready=False waits only until it answers."""
         self._spawn(name)
-        self._wait(name, timeout)
+        self._wait(name, timeout, ready)
 
     def start(self, timeout: float = 300) -> None:
         """Starts all three at once (tokenizer and engine load in parallel) and waits until each is SERVING."""

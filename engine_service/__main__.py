@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from common.models import DEFAULT_MODEL, model_display_name, resolve_model
+from common.security import TlsFiles
 from common.server import run_service, run_until_signal, start_grpc_server
 from engine_service.engine import Engine
 from engine_service.model_runner import ModelRunner, pick_device, pick_dtype
@@ -20,7 +21,8 @@ log = logging.getLogger("splitserve.engine")
 @dataclass
 class EngineConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"env": "MODEL", "help": "HF folder, hub id, .gguf or smollm2"})
-    host: str = field(default="0.0.0.0", metadata={"env": "ENGINE_HOST"})
+    host: str = field(default="127.0.0.1", metadata={
+        "env": "ENGINE_HOST", "help": "address to bind (0.0.0.0 for every interface: use with --tls-ca)"})
     port: int = field(default=50053, metadata={"env": "ENGINE_PORT"})
     metrics_port: int = field(default=9102, metadata={"env": "ENGINE_METRICS_PORT"})
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto, cpu or cuda"})
@@ -47,6 +49,9 @@ class EngineConfig:
     shutdown_grace_seconds: float = field(default=30.0, metadata={
         "help": "on SIGTERM, running streams get this long to finish (longer than the gateway's 20 s)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate: serve TLS only"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_ca: str = field(default="", metadata={"help": "PEM CA: callers must show a certificate it signed (mutual TLS)"})
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -72,7 +77,8 @@ async def serve(config: EngineConfig) -> None:
     servicer = EngineServicer(engine, config.decode_lease_seconds)
     service = await start_grpc_server(
         lambda server: engine_pb2_grpc.add_EngineServicer_to_server(servicer, server),
-        ["splitserve.v1.Engine"], config.host, config.port, config.metrics_port)
+        ["splitserve.v1.Engine"], config.host, config.port, config.metrics_port,
+        tls=TlsFiles(config.tls_cert, config.tls_key, config.tls_ca))
 
     async def stop_engine() -> None:
         await asyncio.to_thread(engine.stop)

@@ -72,10 +72,14 @@ class Engine:
         """Queues a sequence; on_output is called from the loop thread with each new token and the finish.
         The returned sequence belongs to the loop thread: read it only once it finished."""
         params.validate()
+        if params.num_beams > self.scheduler.max_num_seqs:   # its beams could never all run at once
+            raise RequestError(f"num_beams {params.num_beams} is more than this engine runs at once "
+                               f"(--max-num-seqs {self.scheduler.max_num_seqs})")
         spec = self.model_spec
         seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, on_output=on_output)
         try:
             spec.check_prompt(seq.prompt_ids)
+            spec.check_token_ids(params)
             seq.strategy = make_strategy(seq, spec.max_context_length, self.draft_layers, spec.eos_token_ids)
         except ValueError as exc:
             raise RequestError(str(exc)) from None

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.logs import kv
 from engine_service.kv_cache import BlockManager, CacheShape, KVCache
+from engine_service.sampling import SamplingParams
 from engine_service.model import attention, gguf_weights, llama
 from engine_service.scheduler import ScheduledChunk
 from engine_service.sequence import Sequence
@@ -70,6 +71,13 @@ class ModelSpec:
         if len(prompt_ids) >= self.max_context_length:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                              f"{self.max_context_length} tokens, which leaves no room for output")
+
+    def check_token_ids(self, params: SamplingParams) -> None:
+        """Raises ValueError when a parameter names a token this model does not have (a step would fail on it)."""
+        if any(token >= self.vocab_size for token in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be below the vocabulary size {self.vocab_size}")
+        if any(token >= self.vocab_size for token, _ in params.logit_bias):
+            raise ValueError(f"logit_bias keys must be token ids below the vocabulary size {self.vocab_size}")
 
 
 def pick_device(requested: str) -> torch.device:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.decoding import MAX_LOGPROBS, is_greedy, strategy_error
+from common.decoding import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, is_greedy, range_error, strategy_error
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,17 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
         if any(token < 0 for token, _ in self.logit_bias):
             raise ValueError("logit_bias keys must be non-negative token ids")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
+        if any(token < 0 for token in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be non-negative token ids")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if (problem := strategy_error(self)) is not None:
+        if (problem := range_error(self) or strategy_error(self)) is not None:
             raise ValueError(problem)
         if self.penalty_alpha > 0 and self.top_k < 2:
             raise ValueError("contrastive search (penalty_alpha > 0) needs top_k >= 2 candidates")

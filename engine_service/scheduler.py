@@ -116,8 +116,10 @@ class Scheduler:
                 chunks.append(ScheduledChunk(member, member.num_computed, end))
                 budget = max(0, budget - (span or end - member.num_computed))
             scratch -= rows
-        # 2. Waiting sequences, oldest first, while the budget, the sequence limit and the free blocks allow.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # 2. Waiting sequences, oldest first, while the budget, the sequence limit (a beam search counts its beams)
+        #    and the free blocks allow.
+        rows = sum(_width(seq) for seq in self.running)
+        while self.waiting and budget > 0 and rows + _width(self.waiting[0]) <= self.max_num_seqs:
             seq = self.waiting[0]
             if self._prefix_in_flight(seq):
                 break
@@ -134,6 +136,7 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.perf_counter()
             self.running.append(seq)
+            rows += _width(seq)
             chunks.append(ScheduledChunk(seq, seq.num_computed, end))
             budget -= end - seq.num_computed
         return chunks
@@ -164,3 +167,8 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _width(seq: Sequence) -> int:
+    """Rows the sequence takes in a step, now or once its strategy starts: its beams, else one."""
+    return max(len(seq.strategy.members(seq)), seq.params.num_beams)

@@ -15,6 +15,8 @@ from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 
 
+MAX_REQUEST_ID_CHARS = 256   # the gateway makes ids of 128 at most (n > 1 adds a suffix)
+
 def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
         max_tokens=params.max_tokens,
@@ -53,8 +55,9 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def Prefill(self, request: engine_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> engine_pb2.PrefillResponse:
         request_id = request.request_id
-        if not request_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request_id is required, at most {MAX_REQUEST_ID_CHARS} characters")
         if request_id in self.streams.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
         stream, on_output = self.streams.open(request_id)

@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from common.security import TlsFiles, sync_channel
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
@@ -47,16 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop", action="append", help="a stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument("--api-key", default=os.environ.get("SPLITSERVE_API_KEY", ""),
+                        help="the gateway's API key (env SPLITSERVE_API_KEY)")
+    parser.add_argument("--tls-ca", default=os.environ.get("SPLITSERVE_TLS_CA", ""),
+                        help="PEM CA of the gateway's certificate: connect over TLS (env SPLITSERVE_TLS_CA)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     args = parser.parse_args(argv)
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
 
     started = time.perf_counter()
     first = None
     last: gateway_pb2.GenerateResponse | None = None
-    with grpc.insecure_channel(args.address) as channel:
+    with sync_channel(args.address, TlsFiles(ca=args.tls_ca) if args.tls_ca else None) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         try:
-            for chunk in stub.Generate(build_request(args), timeout=args.timeout):
+            for chunk in stub.Generate(build_request(args), timeout=args.timeout, metadata=metadata):
                 if first is None:
                     first = time.perf_counter()
                 sys.stdout.write(chunk.text)

@@ -57,7 +57,7 @@ class FrontDoor:
                                    f"request_id {valid.request_id!r} is already in flight")
             request_id = valid.request_id
             self.in_flight.add(request_id)
-            async with self.admission.slot(deadline, weight=valid.n):   # one slot per engine sequence
+            async with self.admission.slot(deadline, weight=valid.sequences):   # one slot per engine sequence
                 async with aclosing(self.pipeline.generate(valid, deadline)) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason:
@@ -74,7 +74,8 @@ class FrontDoor:
         except Exception as exc:  # a bug: say so, keep serving the others
             code = grpc.StatusCode.INTERNAL
             log.exception("request crashed %s", kv(request_id=request_id))
-            raise GatewayError(code, f"internal error: {type(exc).__name__}: {exc}") from exc
+            raise GatewayError(code, f"internal error while serving request {request_id!r}; the details are in the "
+                                     f"gateway's log") from exc   # never the exception's text: it may hold internals
         finally:
             self.in_flight.discard(request_id)
             metrics.REQUESTS_IN_FLIGHT.dec()

@@ -8,14 +8,16 @@ import grpc
 
 from gateway.errors import GatewayError
 from gateway.front_door import FrontDoor
+from gateway.writes import StalledClient, write_bounded
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, service: FrontDoor) -> None:
+    def __init__(self, service: FrontDoor, write_timeout: float = 30.0) -> None:
         self.service = service
+        self.write_timeout = write_timeout
 
-    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
@@ -28,9 +30,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     if chunk.finish_reason:
                         response.usage.prompt_tokens = chunk.prompt_tokens
                         response.usage.completion_tokens = chunk.completion_tokens
-                    yield response
+                    await write_bounded(context.write(response), self.write_timeout, request.request_id)
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
+        except StalledClient as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
 
     async def GetModelInfo(self, request: common_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
                            ) -> common_pb2.ModelInfo:

@@ -19,3 +19,5 @@ GENERATION_TOKENS = Counter("splitserve_generation_tokens", "Generated tokens st
 REQUESTS_IN_FLIGHT = Gauge("splitserve_requests_in_flight", "Requests being served by the gateway")
 REQUESTS_WAITING = Gauge("splitserve_requests_waiting",
                          "Requests the gateway holds back because --max-concurrent-requests are running")
+STALLED_CLIENTS = Counter("splitserve_stalled_clients", "Streams ended because the client stopped reading "
+                          "(a write waited longer than --stream-write-timeout-seconds)")

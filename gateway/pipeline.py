@@ -11,8 +11,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.logs import kv
+from common.security import TlsFiles, aio_channel
 from gateway import metrics
 from gateway.channels import CHANNEL_OPTIONS, wait_ready
 from gateway.detokenize import SharedDetokenizer
@@ -23,6 +25,8 @@ from gateway.text_stream import TextPiece, TextStream
 from gateway.token_text_cache import TokenTextCache
 from gateway.validation import ValidRequest, fit_max_tokens
 from splitserve.v1 import common_pb2, engine_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+
+TOKENIZER_SERVICE = "splitserve.v1.Tokenizer"
 
 log = logging.getLogger("splitserve.gateway.pipeline")
 
@@ -112,14 +116,15 @@ def _remaining(deadline: float | None) -> Remaining:
 
 class Pipeline:
     def __init__(self, tokenizer_address: str, engine_address: str,
-                 router_settings: RouterSettings = RouterSettings()) -> None:
+                 router_settings: RouterSettings = RouterSettings(), tls: TlsFiles | None = None) -> None:
         self.tokenizer_address = tokenizer_address
         self.engine_address = engine_address
-        self._tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=CHANNEL_OPTIONS)
+        self._tokenizer_channel = aio_channel(tokenizer_address, tls, CHANNEL_OPTIONS)
+        self._tokenizer_health = health_pb2_grpc.HealthStub(self._tokenizer_channel)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.token_texts = TokenTextCache(self.tokenizer, tokenizer_address)
         self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address)
-        self.router = EngineRouter(engine_address, router_settings)  # one engine or several: see router.py
+        self.router = EngineRouter(engine_address, router_settings, tls)  # one engine or several: see router.py
         self._model_info: common_pb2.ModelInfo | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -127,6 +132,17 @@ class Pipeline:
         self.detokenizer.close()
         await self._tokenizer_channel.close()
         await self.router.close()
+
+    async def upstreams_serving(self, timeout: float) -> tuple[bool, int]:
+        """Whether the tokenizer answers SERVING, and how many engines passed their last health check."""
+        await self.router.start()
+        try:
+            reply = await self._tokenizer_health.Check(health_pb2.HealthCheckRequest(service=TOKENIZER_SERVICE),
+                                                       timeout=timeout)
+            tokenizer = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            tokenizer = False
+        return tokenizer, self.router.serving_engines()
 
     async def model_info(self, timeout: float | None = 10.0) -> common_pb2.ModelInfo:
         if self._model_info is None:

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.logs import kv
+from common.security import TlsFiles, aio_channel
 from gateway.channels import CHANNEL_OPTIONS
 from gateway.decode import SharedDecode
 from gateway.errors import GatewayError
@@ -125,13 +126,14 @@ class PrefixMap:
 class EngineEndpoint:
     """One engine: its channel and stubs, whether it is healthy, and how busy it is."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: TlsFiles | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = aio_channel(address, tls, CHANNEL_OPTIONS)
         self.stub = engine_pb2_grpc.EngineStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.decode = SharedDecode(self.stub, address)   # the Decode stream of all requests on it
         self.healthy = True          # until a check or a request says otherwise
+        self.passed_check = False    # its last health check answered SERVING (readiness counts these)
         self.in_flight = 0           # this gateway's requests on it
         self.external_load = 0       # other gateways' sequences on it, as of the last GetStats
         self.retired = False         # no longer in DNS: drained, then closed
@@ -149,9 +151,11 @@ class EngineEndpoint:
 
 
 class EngineRouter:
-    def __init__(self, engine_address: str, settings: RouterSettings = RouterSettings()) -> None:
+    def __init__(self, engine_address: str, settings: RouterSettings = RouterSettings(),
+                 tls: TlsFiles | None = None) -> None:
         self.targets = parse_targets(engine_address)
         self.settings = settings
+        self.tls = tls
         self.prefix = PrefixMap(settings.block_size, settings.prefix_capacity)
         self.endpoints: dict[str, EngineEndpoint] = {}
         self._round_robin = 0
@@ -181,6 +185,10 @@ class EngineRouter:
         """Healthy engines not yet tried; when none is healthy, every engine not yet tried."""
         usable = [e for e in self.endpoints.values() if not e.retired and e.address not in exclude]
         return [e for e in usable if e.healthy] or usable
+
+    def serving_engines(self) -> int:
+        """Engines whose last health check passed (none before the first round)."""
+        return sum(1 for e in self.endpoints.values() if not e.retired and e.passed_check)
 
     async def pick(self, prompt_ids: Sequence[int], exclude: Sequence[str] = ()) -> EngineEndpoint:
         """Chooses an engine and counts the request on it; the caller must `release` it when the request ends."""
@@ -241,6 +249,7 @@ class EngineRouter:
                 endpoint.external_load = max(0, stats.running + stats.waiting - in_flight)
         except grpc.aio.AioRpcError as exc:
             serving, reason = False, exc.code().name
+        endpoint.passed_check = serving
         if serving and not endpoint.healthy:
             log.info("engine back in rotation %s", kv(engine=endpoint.address))
         elif not serving:
@@ -258,7 +267,7 @@ class EngineRouter:
         for address in addresses:
             endpoint = self.endpoints.get(address)
             if endpoint is None:
-                self.endpoints[address] = EngineEndpoint(address)
+                self.endpoints[address] = EngineEndpoint(address, self.tls)
                 if self._watcher is not None:
                     log.info("engine added %s", kv(engine=address))
             elif endpoint.retired:

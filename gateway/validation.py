@@ -6,19 +6,13 @@ import uuid
 from dataclasses import dataclass
 
 from common.chat import CHAT_ROLES
-from common.decoding import MAX_LOGPROBS, is_greedy, strategy_error
+from common.decoding import MAX_LOGIT_BIAS, MAX_LOGPROBS, is_greedy, range_error, strategy_error
 from gateway.errors import invalid
 from splitserve.v1 import common_pb2, gateway_pb2
 
 DEFAULT_MAX_TOKENS = 256
 MAX_REQUEST_ID_CHARS = 128
-MAX_LOGIT_BIAS = 300              # entries, as OpenAI
 MAX_N = 16                        # completions per request
-MAX_BEAMS = 16
-MAX_SPECULATIVE_TOKENS = 16
-MAX_PROMPT_LOOKUP_NGRAM = 8
-MAX_LOOKAHEAD_WINDOW = 16
-LOOKAHEAD_NGRAM = (2, 8)
 
 
 @dataclass(frozen=True)
@@ -28,6 +22,9 @@ class Limits:
     max_prompt_chars: int = 1_000_000
     max_prompt_tokens: int = 0          # 0: only the model's context limits the prompt
     max_output_tokens: int = 0          # 0: only the context limits max_tokens
+    max_messages: int = 2048            # chat messages per request
+    max_stop_token_ids: int = 128       # also keeps beam search's candidates (1 + ids) x beams below the vocabulary
+    max_output_budget: int = 262_144    # n x max_tokens x (1 + logprobs): bounds what one reply holds; 0: none
 
 
 @dataclass
@@ -39,6 +36,16 @@ class ValidRequest:
     stop: list[str]
     limits: Limits = Limits()
     n: int = 1                               # completions: one engine sequence each (sampling.n is cleared)
+
+    @property
+    def sequences(self) -> int:
+        """Engine sequences it occupies at once: its completions, or its beams (what admission counts)."""
+        return max(self.n, self.sampling.num_beams)
+
+
+def clip(text: str, chars: int = 40) -> str:
+    """A user's string as it may be echoed in an error message or a log: short."""
+    return text if len(text) <= chars else text[:chars] + "..."
 
 
 def assign_request_id(request: gateway_pb2.GenerateRequest) -> str:
@@ -63,10 +70,13 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
         raise invalid(f"the prompt has {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}")
     messages = None
     if has_messages:
+        if len(request.messages) > limits.max_messages:
+            raise invalid(f"the request has {len(request.messages)} messages; at most {limits.max_messages} "
+                          f"are allowed")
         messages = []
         for i, message in enumerate(request.messages):
             if message.role not in CHAT_ROLES:
-                raise invalid(f"messages[{i}].role is {message.role!r}; expected one of {', '.join(CHAT_ROLES)}")
+                raise invalid(f"messages[{i}].role is {clip(message.role)!r}; expected one of {', '.join(CHAT_ROLES)}")
             messages.append((message.role, message.content))
         if sum(len(content) for _, content in messages) > limits.max_prompt_chars:
             raise invalid(f"the messages exceed {limits.max_prompt_chars} characters")
@@ -96,6 +106,9 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
         if not -2 <= getattr(params, name) <= 2:
             raise invalid(f"sampling.{name} must be in [-2, 2], got {getattr(params, name)}")
     _check_decoding(params)
+    if len(params.stop_token_ids) > limits.max_stop_token_ids:
+        raise invalid(f"sampling.stop_token_ids has {len(params.stop_token_ids)} ids; at most "
+                      f"{limits.max_stop_token_ids} are allowed")
     if any(token < 0 for token in params.stop_token_ids):
         raise invalid("sampling.stop_token_ids must be non-negative token ids")
     if len(params.stop) > limits.max_stop_strings:
@@ -130,6 +143,12 @@ def fit_max_tokens(valid: ValidRequest, prompt_tokens: int, context: int, vocab_
     elif params.max_tokens > room:
         raise invalid(f"max_tokens {params.max_tokens} plus the prompt's {prompt_tokens} tokens exceed this model's "
                       f"context of {context} tokens (at most {room} output tokens fit)")
+    budget = valid.limits.max_output_budget
+    alternatives = 1 + (params.logprobs if params.HasField("logprobs") else 0)
+    if budget and valid.n * params.max_tokens * alternatives > budget:
+        raise invalid(f"the request asks for up to {valid.n * params.max_tokens * alternatives} tokens and "
+                      f"alternatives (n {valid.n} x max_tokens {params.max_tokens} x (1 + logprobs "
+                      f"{alternatives - 1})); this server allows {budget} per request: ask for fewer")
     if any(token >= vocab_size for token in params.stop_token_ids):
         raise invalid(f"sampling.stop_token_ids must be below the vocabulary size {vocab_size}")
     if any(token >= vocab_size for token in params.logit_bias):
@@ -160,7 +179,8 @@ def _check_decoding(params: common_pb2.SamplingParams) -> None:
 
     beams = params.num_beams > 1
     _check_range("n", params.n, 0, MAX_N, " (0 = 1)")
-    _check_range("num_beams", params.num_beams, 0, MAX_BEAMS, " (0 or 1 = no beam search)")
+    if (problem := range_error(params, prefix="sampling.")) is not None:
+        raise invalid(problem)
     if params.n > 1 and beams:
         raise invalid("sampling.n > 1 with num_beams > 1 is not supported: beam search returns its best hypothesis "
                       "(one completion)")
@@ -182,18 +202,10 @@ def _check_decoding(params: common_pb2.SamplingParams) -> None:
                       f"got {params.top_k}")
     if (problem := strategy_error(params, prefix="sampling.")) is not None:
         raise invalid(problem)
-    _check_range("num_speculative_tokens", params.num_speculative_tokens, 0, MAX_SPECULATIVE_TOKENS,
-                 " (0 = the engine's default)")
     if params.num_speculative_tokens and not params.speculative:
         raise invalid("sampling.num_speculative_tokens applies to speculative decoding only: set speculative")
-    _check_range("prompt_lookup_max_ngram", params.prompt_lookup_max_ngram, 0, MAX_PROMPT_LOOKUP_NGRAM,
-                 " (0 = default)")
     if params.prompt_lookup_max_ngram and params.speculative != "prompt_lookup":
         raise invalid("sampling.prompt_lookup_max_ngram applies only with speculative='prompt_lookup'")
-    _check_range("lookahead_window", params.lookahead_window, 0, MAX_LOOKAHEAD_WINDOW, " (0 = default)")
-    if params.lookahead_ngram and not LOOKAHEAD_NGRAM[0] <= params.lookahead_ngram <= LOOKAHEAD_NGRAM[1]:
-        raise invalid(f"sampling.lookahead_ngram must be 0 (default) or in [{LOOKAHEAD_NGRAM[0]}, "
-                      f"{LOOKAHEAD_NGRAM[1]}], got {params.lookahead_ngram}")
     if (params.lookahead_window or params.lookahead_ngram) and params.speculative != "lookahead":
         raise invalid("sampling.lookahead_window and sampling.lookahead_ngram apply only with "
                       "speculative='lookahead'")

@@ -36,7 +36,8 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 encode = functools.partial(self.tokenizer.encode_prompt, request.prompt)
             else:
                 encode = functools.partial(self.tokenizer.encode_chat, messages)
-            size = len(request.prompt) + sum(len(content) for _, content in messages)
+            # every message costs template work, even an empty one: count it as a few characters
+            size = len(request.prompt) + sum(len(role) + len(content) + 16 for role, content in messages)
             with _timed("tokenize"):
                 ids = encode() if size <= INLINE_PROMPT_CHARS else await asyncio.to_thread(encode)
         return tokenizer_pb2.TokenizeResponse(token_ids=ids)

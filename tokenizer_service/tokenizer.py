@@ -35,6 +35,8 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json"]
 
 
+MAX_MESSAGES = 65_536   # chat messages per request
+
 class TokenizerInputError(ValueError):
     """The request cannot be tokenized as given (the servicer maps it to INVALID_ARGUMENT)."""
 
@@ -70,10 +72,13 @@ class PromptTokenizer:
             raise TokenizerInputError(f"model {self.name} has no chat template: send a prompt instead of messages")
         if not messages:
             raise TokenizerInputError("messages is empty")
+        if len(messages) > MAX_MESSAGES:   # this port is reachable too: its own bound, above the gateway's
+            raise TokenizerInputError(f"{len(messages)} messages; at most {MAX_MESSAGES} are rendered")
         for index, (role, _) in enumerate(messages):
             if role not in CHAT_ROLES:
+                shown = role if len(role) <= 40 else role[:40] + "..."
                 raise TokenizerInputError(
-                    f"messages[{index}].role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+                    f"messages[{index}].role {shown!r} is not one of {', '.join(CHAT_ROLES)}")
         try:
             text = self.chat_template.render([{"role": role, "content": content} for role, content in messages])
         except jinja2.TemplateError as exc:  # templates raise it to reject a conversation (e.g. roles must alternate)

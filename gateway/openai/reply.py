@@ -158,6 +158,7 @@ class Reply:
 # gRPC status -> HTTP status and OpenAI error type: the one place the two front doors' errors meet.
 HTTP_STATUS: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
     grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
@@ -178,7 +179,7 @@ def error_body(code: grpc.StatusCode, message: str, param: str | None = None) ->
 
 def error_response(exc: GatewayError) -> web.Response:
     status, body = error_body(exc.code, exc.message, getattr(exc, "param", None))
-    return web.json_response(body, status=status)
+    return web.json_response(body, status=getattr(exc, "status", status))   # a few errors name their own status
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:

@@ -5,11 +5,14 @@ One implementation, two front doors: each handler turns OpenAI JSON into the pub
 and metrics), and answers in OpenAI's objects (reply.py).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (server-sent events with `"stream": true`), GET /v1/models,
-GET /health, GET /metrics. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+GET /health (readiness), GET /health/live, GET /metrics. Every route but health (and /metrics unless keyed) needs
+the API key when the gateway has one; POST bodies must be JSON (see http_guard.py). Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -19,27 +22,49 @@ import grpc
 import prometheus_client
 from aiohttp import web
 
+from common.security import ApiKeys
 from gateway.errors import GatewayError
 from gateway.front_door import FrontDoor
+from gateway.http_guard import guard
 from gateway.openai.reply import Reply, error_body, error_response, sse
 from gateway.openai.request import generate_request, read_body, requested_model, stream_options
 from gateway.validation import assign_request_id
+from gateway.writes import StalledClient, write_bounded
 
 log = logging.getLogger("splitserve.gateway.http")
+STREAM_BUFFER_BYTES = 64 * 1024
+
+
+def bound_stream_buffers(request: web.Request) -> None:
+    """A client that stops reading a stream makes the gateway's writes wait after ~64 KiB, not after the kernel's
+    autotuned send buffer (megabytes, thousands of events), so the write timeout notices it within seconds."""
+    if request.transport is None:
+        return
+    request.transport.set_write_buffer_limits(high=STREAM_BUFFER_BYTES)
+    sock = request.transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER_BYTES)
 
 
 class OpenAIServer:
-    def __init__(self, service: FrontDoor, served_model_name: str = "", max_body_bytes: int = 16 * 1024 * 1024,
-                 shutdown_grace: float = 30.0) -> None:
+    def __init__(self, service: FrontDoor, served_model_name: str = "", max_body_bytes: int = 2 * 1024 * 1024,
+                 shutdown_grace: float = 30.0, api_keys: ApiKeys = ApiKeys([]), keyed_metrics: bool = False,
+                 ssl_context: ssl.SSLContext | None = None, ready: Callable[[], bool] = lambda: True,
+                 write_timeout: float = 30.0) -> None:
         self.service = service
         self.served_model_name = served_model_name
         self.created = int(time.time())
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors])
+        self.ssl_context = ssl_context
+        self.ready = ready
+        self.write_timeout = write_timeout
+        self.app = web.Application(client_max_size=max_body_bytes,
+                                   middlewares=[self._errors, guard(api_keys, keyed_metrics)])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
+            web.get("/health/live", self.live),
             web.get("/metrics", self.metrics),
         ])
         # handler_cancellation: a client that disconnects cancels its handler, which aborts the engine sequence.
@@ -49,7 +74,7 @@ class OpenAIServer:
 
     async def start(self, host: str, port: int) -> int:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
+        site = web.TCPSite(self.runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self.runner.addresses[0][1]
         return self.port
@@ -71,9 +96,9 @@ class OpenAIServer:
             code = grpc.StatusCode.NOT_FOUND if exc.status in (404, 405) else grpc.StatusCode.INVALID_ARGUMENT
             _, body = error_body(code, f"{request.method} {request.path}: {exc.reason}")
             return web.json_response(body, status=exc.status)
-        except Exception as exc:  # a bug: say so, keep serving the others
+        except Exception:  # a bug: say so (in the log only), keep serving the others
             log.exception("HTTP handler crashed %s", request.path)
-            _, body = error_body(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            _, body = error_body(grpc.StatusCode.INTERNAL, "internal error; the details are in the gateway's log")
             return web.json_response(body, status=500)
 
     async def _model_name(self) -> str:
@@ -113,19 +138,27 @@ class OpenAIServer:
             response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",
                                                    "Cache-Control": "no-cache"})
             await response.prepare(request)
+            bound_stream_buffers(request)
+
+            async def send(event: Any) -> None:
+                await write_bounded(response.write(sse(event)), self.write_timeout, request_id)
+
             try:
-                for event in reply.deltas(first, include_usage):
-                    await response.write(sse(event))
-                async for chunk in chunks:
-                    for event in reply.deltas(chunk, include_usage):
-                        await response.write(sse(event))
-                if include_usage:
-                    await response.write(sse(reply.usage_event()))
-            except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
-                _, error = error_body(exc.code, exc.message)
-                await response.write(sse(error))
-            await response.write(sse("[DONE]"))
-            await response.write_eof()
+                try:
+                    for event in reply.deltas(first, include_usage):
+                        await send(event)
+                    async for chunk in chunks:
+                        for event in reply.deltas(chunk, include_usage):
+                            await send(event)
+                    if include_usage:
+                        await send(reply.usage_event())
+                except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
+                    await send(error_body(exc.code, exc.message)[1])
+                await send("[DONE]")
+                await response.write_eof()
+            except StalledClient:   # nothing more can reach it: drop the connection (the request is aborted)
+                if request.transport is not None:
+                    request.transport.abort()
             return response
 
     async def models(self, request: web.Request) -> web.Response:
@@ -136,9 +169,16 @@ class OpenAIServer:
             "root": info.model, "max_model_len": info.max_context_length}]})
 
     async def health(self, request: web.Request) -> web.Response:
+        """Readiness: 200 only while a request could succeed (see gateway/readiness.py)."""
         if self.service.draining:
             return web.json_response({"status": "draining"}, status=503)
+        if not self.ready():
+            return web.json_response({"status": "waiting for the tokenizer and an engine"}, status=503)
         return web.json_response({"status": "ok"})
+
+    async def live(self, request: web.Request) -> web.Response:
+        """Liveness: the process is up and its event loop answers."""
+        return web.json_response({"status": "alive"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=prometheus_client.generate_latest(),

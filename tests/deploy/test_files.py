@@ -103,7 +103,7 @@ def test_promtool_unit_tests_cover_every_alert():
 def test_kubernetes_manifests_validate_against_the_schemas():
     output = run(tool("kubernetes-validate"), "--strict", *map(str, K8S_FILES)).stdout
     kinds = set(re.findall(r"passed for resource (\w+)/", output))
-    assert {"deployment", "statefulset", "service", "configmap"} <= kinds, output
+    assert {"deployment", "statefulset", "service", "configmap", "networkpolicy"} <= kinds, output
 
 
 def test_kubernetes_engines_request_gpus_and_every_container_has_grpc_probes_and_resources():
@@ -115,9 +115,21 @@ def test_kubernetes_engines_request_gpus_and_every_container_has_grpc_probes_and
             assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
             container = pod["spec"]["containers"][0]
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-            for probe in ("readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"]["port"] == ports["grpc"], (path.name, probe)
+            assert container["readinessProbe"]["grpc"]["port"] == ports["grpc"], path.name
+            liveness = container["livenessProbe"]   # the gateway's: alive even while its upstreams are down
+            assert liveness.get("grpc", {}).get("port") == ports["grpc"] or \
+                liveness["httpGet"] == {"path": "/health/live", "port": "http"}, path.name
             assert container["resources"]["requests"]
+            hardened = container["securityContext"]
+            assert hardened["allowPrivilegeEscalation"] is False and hardened["readOnlyRootFilesystem"] is True
+            assert hardened["capabilities"]["drop"] == ["ALL"], path.name
+            assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+            # SIGTERM comes after the preStop; the service's own drain must end before the pod is killed
+            prestop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+            grace = {"gateway": 20, "tokenizer": 30,
+                     "engine": int(next((e["value"] for e in container["env"] if e["name"] == "SHUTDOWN_GRACE_SECONDS"),
+                                        30)) + 10}[container["name"]]   # the engine joins its step loop (10 s)
+            assert prestop + grace < pod["spec"]["terminationGracePeriodSeconds"], path.name
             if container["name"] == "engine":
                 assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
@@ -156,3 +168,13 @@ def test_the_readme_describes_every_dashboard_panel_as_the_generator_does():
 def test_the_dashboard_shows_every_contract_metric(metric):
     exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
     assert any(re.search(rf"\b{metric}(_bucket|_sum|_count)?\b", expr) for expr in exprs)
+
+
+def test_network_policies_let_only_the_gateway_reach_the_tokenizer_and_the_engines():
+    policies = {d["metadata"]["name"]: d["spec"] for d in yaml.safe_load_all((DEPLOY / "k8s" / "network-policy.yaml")
+                                                                            .read_text())}
+    for name, port in (("splitserve-engine", 50053), ("splitserve-tokenizer", 50052)):
+        rules = policies[name]["ingress"]
+        grpc_rule = next(r for r in rules if {"protocol": "TCP", "port": port} in r["ports"])
+        assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "splitserve-gateway"}}}]
+        assert all(port not in [p["port"] for p in r["ports"]] for r in rules if r is not grpc_rule)
