@@ -63,7 +63,10 @@ def load_config(cls: type[T], argv: list[str] | None = None, description: str = 
         for old in field.metadata.get("deprecated_names", ()) if value is None else ():
             value = getattr(args, old)
             if value is None and os.environ.get(old.upper()):
-                value = converters[field.name](os.environ[old.upper()])
+                try:
+                    value = converters[field.name](os.environ[old.upper()])
+                except ValueError as exc:
+                    parser.error(f"environment variable {old.upper()}: {exc}")
             if value is not None:
                 logging.getLogger("splitserve.config").warning(
                     "--%s / %s is deprecated and goes in the next release: use --%s / %s", old.replace("_", "-"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from common.logs import clip
+
 MAX_LOGPROBS = 20                  # alternatives per token (as vLLM's default max_logprobs)
 MAX_LOGIT_BIAS = 300               # entries, as OpenAI
 MAX_BEAMS = 16
@@ -47,7 +49,7 @@ def strategy_error(params: StrategyFields, prefix: str = "") -> str | None:
     greedy-only strategies (they pick tokens by score, not by sampling)."""
     if params.speculative not in SPECULATIVE_MODES:
         return (f"{prefix}speculative must be one of {', '.join(repr(m) for m in SPECULATIVE_MODES)}, "
-                f"got {params.speculative!r}")
+                f"got {clip(params.speculative)!r}")
     beams = f"beam search ({prefix}num_beams > 1)"
     contrastive = f"contrastive search ({prefix}penalty_alpha > 0)"
     speculative = f"speculative decoding ({prefix}speculative={params.speculative!r})"

@@ -17,6 +17,11 @@ def setup_logging(level: str | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def clip(text: str, chars: int = 40) -> str:
+    """A user's string as it may be echoed in an error message or a log line: short."""
+    return text if len(text) <= chars else text[:chars] + "..."
+
+
 def kv(**fields: object) -> str:
     """Formats fields as `key=value` pairs for a log line."""
     return " ".join(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}" for key, value in fields.items())

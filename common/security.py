@@ -51,7 +51,10 @@ class ApiKeys:
             return True
         if not authorization or authorization[:len(BEARER)].lower() != BEARER:
             return False
-        given = authorization[len(BEARER):].strip().encode()
+        try:
+            given = authorization[len(BEARER):].strip().encode()
+        except UnicodeError:   # a header byte that is not UTF-8 (aiohttp hands it over as a lone surrogate)
+            return False
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(given, key)

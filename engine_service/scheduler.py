@@ -118,7 +118,7 @@ class Scheduler:
             scratch -= rows
         # 2. Waiting sequences, oldest first, while the budget, the sequence limit (a beam search counts its beams)
         #    and the free blocks allow.
-        rows = sum(_width(seq) for seq in self.running)
+        rows = sum(_width(seq) for seq in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and rows + _width(self.waiting[0]) <= self.max_num_seqs:
             seq = self.waiting[0]
             if self._prefix_in_flight(seq):
@@ -170,5 +170,5 @@ class Scheduler:
 
 
 def _width(seq: Sequence) -> int:
-    """Rows the sequence takes in a step, now or once its strategy starts: its beams, else one."""
-    return max(len(seq.strategy.members(seq)), seq.params.num_beams)
+    """Rows the sequence takes in a step, now or once its strategy starts: its beams (num_beams is 1 without)."""
+    return seq.params.num_beams

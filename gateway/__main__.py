@@ -76,8 +76,11 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         self.keys = ApiKeys.load(self.api_key, self.api_key_file)
         self.tls = TlsFiles(self.tls_cert, self.tls_key)
-        self.upstream_tls = TlsFiles(self.tls_client_cert or self.tls_cert, self.tls_client_key or self.tls_key,
-                                     self.tls_ca, self.tls_server_name)
+        # The internal channels use TLS only with a CA to check the upstreams by; the certificate shown to them is
+        # the client pair when one is given, else the gateway's own pair (never one half of each).
+        own_pair = (self.tls_client_cert, self.tls_client_key) if self.tls_client_cert or self.tls_client_key \
+            else (self.tls_cert, self.tls_key)
+        self.upstream_tls = TlsFiles(*own_pair, self.tls_ca, self.tls_server_name) if self.tls_ca else None
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -110,6 +113,7 @@ async def serve(config: GatewayConfig) -> None:
 
     async def drain() -> None:   # beside the gRPC server's own drain
         await readiness.stop()
+        await service.set_serving(False)   # again: a readiness change may have landed after the first
         gateway.start_draining()
         if http.port is not None:
             await http.stop()

@@ -36,6 +36,10 @@ class Readiness:
         self.stopped = True
         if self._task is not None:
             self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
 
     async def _watch(self) -> None:
         while not self.stopped:
@@ -48,7 +52,10 @@ class Readiness:
                 tokenizer, engines = False, 0
             ready = tokenizer and engines > 0
             if ready != self.ready and not self.stopped:
-                self.ready = ready
                 log.info("gateway %s", kv(ready=ready, tokenizer_serving=tokenizer, engines_serving=engines))
-                await self.on_change(ready)
+                try:
+                    await self.on_change(ready)
+                    self.ready = ready
+                except Exception:   # tried again next round
+                    log.exception("reporting readiness failed")
             await asyncio.sleep(self.interval)

@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass
 
 from common.chat import CHAT_ROLES
+from common.logs import clip
 from common.decoding import MAX_LOGIT_BIAS, MAX_LOGPROBS, is_greedy, range_error, strategy_error
 from gateway.errors import invalid
 from splitserve.v1 import common_pb2, gateway_pb2
@@ -41,11 +42,6 @@ class ValidRequest:
     def sequences(self) -> int:
         """Engine sequences it occupies at once: its completions, or its beams (what admission counts)."""
         return max(self.n, self.sampling.num_beams)
-
-
-def clip(text: str, chars: int = 40) -> str:
-    """A user's string as it may be echoed in an error message or a log: short."""
-    return text if len(text) <= chars else text[:chars] + "..."
 
 
 def assign_request_id(request: gateway_pb2.GenerateRequest) -> str:

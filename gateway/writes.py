@@ -20,8 +20,9 @@ class StalledClient(Exception):
 
 async def write_bounded(write: Awaitable[None], timeout: float, request_id: str) -> None:
     try:
-        await asyncio.wait_for(write, timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):   # no task per write (wait_for makes one): this runs for every chunk
+            await write
+    except TimeoutError:
         metrics.STALLED_CLIENTS.inc()
         log.warning("client stopped reading; stream ended %s", kv(request_id=request_id, write_timeout=timeout))
         raise StalledClient(f"the client did not read the stream for {timeout:g} s") from None

@@ -22,6 +22,7 @@ import jinja2
 from tokenizers import AddedToken, Tokenizer
 
 from common.chat import CHAT_ROLES
+from common.logs import clip
 from tokenizer_service.chat_template import ChatTemplate
 from tokenizer_service.detokenizer import IncrementalDetokenizer
 from tokenizer_service.token_bytes import TokenTexts
@@ -76,9 +77,8 @@ class PromptTokenizer:
             raise TokenizerInputError(f"{len(messages)} messages; at most {MAX_MESSAGES} are rendered")
         for index, (role, _) in enumerate(messages):
             if role not in CHAT_ROLES:
-                shown = role if len(role) <= 40 else role[:40] + "..."
                 raise TokenizerInputError(
-                    f"messages[{index}].role {shown!r} is not one of {', '.join(CHAT_ROLES)}")
+                    f"messages[{index}].role {clip(role)!r} is not one of {', '.join(CHAT_ROLES)}")
         try:
             text = self.chat_template.render([{"role": role, "content": content} for role, content in messages])
         except jinja2.TemplateError as exc:  # templates raise it to reject a conversation (e.g. roles must alternate)

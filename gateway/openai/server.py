@@ -22,6 +22,7 @@ import grpc
 import prometheus_client
 from aiohttp import web
 
+from common.logs import clip
 from common.security import ApiKeys
 from gateway.errors import GatewayError
 from gateway.front_door import FrontDoor
@@ -110,7 +111,7 @@ class OpenAIServer:
         if model is not None:      # unset or empty: the served model
             name = await self._model_name()
             if model != name:
-                raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model {model!r} does not exist; this server "
+                raise GatewayError(grpc.StatusCode.NOT_FOUND, f"the model {clip(model)!r} does not exist; this server "
                                                               f"serves {name!r} (see GET /v1/models)")
         return body
 
