@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -158,21 +159,22 @@ class TlsFiles:
 def aio_channel(address: str, tls: TlsFiles | None, options: list[tuple[str, object]] | None = None
                 ) -> grpc.aio.Channel:
     """A grpc.aio channel, over TLS when `tls` says so."""
-    options = [*(options or []), *(tls.channel_options() if tls else [])]
-    credentials = tls.channel_credentials() if tls else None
-    if credentials is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, credentials, options=options)
+    return _channel(grpc.aio, address, tls, options)
 
 
 def sync_channel(address: str, tls: TlsFiles | None = None, options: list[tuple[str, object]] | None = None
                  ) -> grpc.Channel:
     """The same, for blocking callers (health checks, the CLI client)."""
+    return _channel(grpc, address, tls, options)
+
+
+def _channel(kind: Any, address: str, tls: TlsFiles | None, options: list[tuple[str, object]] | None) -> Any:
+    """`kind` is the grpc module or grpc.aio: both name their channel constructors alike."""
     options = [*(options or []), *(tls.channel_options() if tls else [])]
     credentials = tls.channel_credentials() if tls else None
     if credentials is None:
-        return grpc.insecure_channel(address, options=options)
-    return grpc.secure_channel(address, credentials, options=options)
+        return kind.insecure_channel(address, options=options)
+    return kind.secure_channel(address, credentials, options=options)
 
 
 def is_loopback(host: str) -> bool:
