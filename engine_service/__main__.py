@@ -46,6 +46,7 @@ class EngineConfig:
     max_waiting: int = field(default=1024, metadata={"help": "waiting sequences at most; beyond: RESOURCE_EXHAUSTED"})
     decode_lease_seconds: float = field(default=30.0, metadata={"help": "abort a sequence no Decode stream claims in time"})
     fault_token_id: int = field(default=-1, metadata={"help": "testing only: a step that computes this token id fails"})
+    step_delay_seconds: float = field(default=0.0, metadata={"help": "testing only: every step sleeps this long"})
     shutdown_grace_seconds: float = field(default=30.0, metadata={
         "help": "on SIGTERM, running streams get this long to finish (longer than the gateway's 20 s)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
@@ -69,7 +70,7 @@ async def serve(config: EngineConfig) -> None:
         resolve_model(config.model), model_display_name(config.model), device, pick_dtype(config.dtype, device),
         kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
         max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching,
-        fault_token_id=config.fault_token_id,
+        fault_token_id=config.fault_token_id, step_delay=config.step_delay_seconds,
         compact_decode_weights=config.compact_decode_weights and device.type == "cpu")
     engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                     draft_layers=config.draft_layers)

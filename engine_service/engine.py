@@ -68,15 +68,19 @@ class Engine:
         self._thread.join(timeout=10)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    on_output: OutputCallback) -> Sequence:
+                    on_output: OutputCallback, num_replayed: int = 0) -> Sequence:
         """Queues a sequence; on_output is called from the loop thread with each new token and the finish.
+        num_replayed: the prompt's last tokens were generated for this request elsewhere (a failover's replay).
         The returned sequence belongs to the loop thread: read it only once it finished."""
         params.validate()
         if params.num_beams > self.scheduler.max_num_seqs:   # its beams could never all run at once
             raise RequestError(f"num_beams {params.num_beams} is more than this engine runs at once "
                                f"(--max-num-seqs {self.scheduler.max_num_seqs})")
         spec = self.model_spec
-        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, on_output=on_output)
+        if not 0 <= num_replayed < len(prompt_ids):
+            raise RequestError(f"replayed_tokens must be in [0, {len(prompt_ids)}), got {num_replayed}")
+        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, on_output=on_output,
+                       num_replayed=num_replayed)
         try:
             spec.check_prompt(seq.prompt_ids)
             spec.check_token_ids(params)

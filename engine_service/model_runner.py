@@ -9,6 +9,7 @@ hand-written forward pass instead (engine_service.model.llama).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +114,12 @@ def _eos_ids(model: torch.nn.Module) -> tuple[int, ...]:
 class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
-                 prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False) -> None:
+                 prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False,
+                 step_delay: float = 0.0) -> None:
         self.device = device
         self.dtype = dtype
         self.fault_token_id = fault_token_id   # fault injection for tests: a step computing this token raises
+        self.step_delay = step_delay           # fault tests: a slow engine, so that a kill lands mid-stream
         config = AutoConfig.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, attn_implementation=attention.ATTENTION_NAME).to(device).eval()
@@ -195,6 +198,8 @@ class ModelRunner:
                 positions.extend(range(c.start, c.end))
         if self.fault_token_id >= 0 and self.fault_token_id in token_ids:
             raise RuntimeError(f"injected fault: token {self.fault_token_id} in the step")
+        if self.step_delay:
+            time.sleep(self.step_delay)
         position_tensor = torch.tensor(positions, dtype=torch.long)
         ordered = decodes + chains + others
         width = max(len(c.seq.block_table) for c in ordered)

@@ -7,11 +7,15 @@ that use it, or not at all: a batch of plain greedy rows costs one argmax.
 
 Sampled rows draw by an exponential race, argmax(p / E) with E ~ Exp(1) (an exact draw from p), where each seeded
 sequence's E comes from its own generator, so a seeded request gives the same tokens whatever else is in the batch.
+That generator is re-keyed from (seed, position) whenever the sequence reaches a new position: the draws for a token
+depend on the seed and the token's place in the sequence only, so a stream replayed on another engine (the
+gateway's failover resubmits prompt + tokens so far) continues exactly as the original would have.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from hashlib import blake2b
 from itertools import chain
 
 import torch
@@ -144,6 +148,11 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], top_n: list[int]) ->
             for j, (token, value, n) in enumerate(zip(tokens, chosen, top_n))]
 
 
+def position_seed(seed: int, position: int) -> int:
+    """A generator seed for the draws at one position of a seeded sequence (a hash: nearby keys are unrelated)."""
+    return int.from_bytes(blake2b(f"{seed}:{position}".encode(), digest_size=8).digest(), "little")
+
+
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -151,11 +160,15 @@ class Sampler:
         self.default_generator.seed()
 
     def generator_for(self, seq: Sequence) -> torch.Generator:
+        """The generator of the sequence's next draws: keyed by (seed, position) on the first draw at a position,
+        continued by further draws there (a speculative step's several draws)."""
         if seq.params.seed is None:
             return self.default_generator
         if seq.generator is None:
             seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(seq.params.seed)
+        if seq.generator_position != seq.num_tokens:
+            seq.generator_position = seq.num_tokens
+            seq.generator.manual_seed(position_seed(seq.params.seed, seq.num_tokens))
         return seq.generator
 
     def process(self, logits: torch.Tensor, seqs: list[Sequence],
@@ -174,7 +187,7 @@ class Sampler:
                          [params[i].repetition_penalty for i in rows]))
         x = _on_rows(x, [i for i, p in enumerate(params) if p.presence_penalty or p.frequency_penalty],
                      lambda sub, rows: apply_presence_frequency(
-                         sub, [seqs[i].output_ids + extra[i] for i in rows],
+                         sub, [seqs[i].generated_ids + extra[i] for i in rows],
                          [params[i].presence_penalty for i in rows], [params[i].frequency_penalty for i in rows]))
         x = _on_rows(x, [i for i, p in enumerate(params) if p.logit_bias],
                      lambda sub, rows: apply_logit_bias(sub, [params[i].logit_bias for i in rows]))

@@ -59,12 +59,20 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     generator: torch.Generator | None = None
+    num_replayed: int = 0                 # trailing prompt tokens an earlier engine generated (a failover's replay)
+    generator_position: int = -1          # the position its generator was last keyed for (engine_service.sampler)
     strategy: Strategy | None = None      # its decoding strategy (engine_service.decoding), set by the engine
     num_steps: int = 0                    # forward passes that computed this sequence (speculative bookkeeping)
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def generated_ids(self) -> list[int]:
+        """Every token generated for the request, on this engine or (replayed) on an earlier one."""
+        replayed = self.prompt_ids[len(self.prompt_ids) - self.num_replayed:] if self.num_replayed else []
+        return replayed + self.output_ids
 
     def token_at(self, position: int) -> int:
         prompt_len = len(self.prompt_ids)

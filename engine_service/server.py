@@ -63,7 +63,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         stream, on_output = self.streams.open(request_id)
         try:
             self.engine.add_request(request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
-                                    on_output)
+                                    on_output, request.replayed_tokens)
         except EngineFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:  # RequestError and parameter validation

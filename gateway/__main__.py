@@ -30,6 +30,8 @@ class GatewayConfig:
     engine_address: str = field(default="127.0.0.1:50053", metadata={
         "help": "engine service(s): host:port, a comma-separated list, or dns:///name:port (one engine per address)"})
     engine_health_interval: float = field(default=1.0, metadata={"help": "seconds between engine health checks"})
+    max_failovers: int = field(default=1, metadata={
+        "help": "times a stream moves to another engine when its engine is lost mid-stream (0: never)"})
     router_balance_slack: int = field(default=16, metadata={
         "help": "send to the engine holding the prompt's prefix while it has at most this many more requests"})
     max_stop_strings: int = field(default=16, metadata={"help": "stop strings per request at most"})
@@ -74,6 +76,8 @@ class GatewayConfig:
 
 
     def __post_init__(self) -> None:
+        if self.max_failovers < 0:
+            raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
         self.keys = ApiKeys.load(self.api_key, self.api_key_file)
         self.tls = TlsFiles(self.tls_cert, self.tls_key)
         # The internal channels use TLS only with a CA to check the upstreams by; the certificate shown to them is
@@ -89,7 +93,8 @@ async def serve(config: GatewayConfig) -> None:
                     config.host)
     pipeline = Pipeline(config.tokenizer_address, config.engine_address,
                         RouterSettings(health_interval=config.engine_health_interval,
-                                       balance_slack=config.router_balance_slack), config.upstream_tls)
+                                       balance_slack=config.router_balance_slack), config.upstream_tls,
+                        config.max_failovers)
     limits = Limits(max_stop_strings=config.max_stop_strings, max_stop_string_chars=config.max_stop_string_chars,
                     max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens,
                     max_output_tokens=config.max_output_tokens, max_messages=config.max_messages,

@@ -21,3 +21,5 @@ REQUESTS_WAITING = Gauge("splitserve_requests_waiting",
                          "Requests the gateway holds back because --max-concurrent-requests are running")
 STALLED_CLIENTS = Counter("splitserve_stalled_clients", "Streams ended because the client stopped reading "
                           "(a write waited longer than --stream-write-timeout-seconds)")
+FAILOVERS = Counter("splitserve_failovers", "Streams moved to another engine after theirs was lost mid-stream",
+                    ["reason"])

@@ -19,6 +19,7 @@ from gateway import metrics
 from gateway.channels import CHANNEL_OPTIONS, wait_ready
 from gateway.detokenize import SharedDetokenizer
 from gateway.errors import GatewayError, deadline_expired, from_rpc_error
+from gateway.failover import is_engine_lost, replay
 from gateway.router import EngineEndpoint, EngineRouter, RouterSettings
 from gateway.stops import StopMatcher
 from gateway.text_stream import TextPiece, TextStream
@@ -116,8 +117,10 @@ def _remaining(deadline: float | None) -> Remaining:
 
 class Pipeline:
     def __init__(self, tokenizer_address: str, engine_address: str,
-                 router_settings: RouterSettings = RouterSettings(), tls: TlsFiles | None = None) -> None:
+                 router_settings: RouterSettings = RouterSettings(), tls: TlsFiles | None = None,
+                 max_failovers: int = 1) -> None:
         self.tokenizer_address = tokenizer_address
+        self.max_failovers = max_failovers          # per engine sequence (gateway/failover.py)
         self.engine_address = engine_address
         self._tokenizer_channel = aio_channel(tokenizer_address, tls, CHANNEL_OPTIONS)
         self._tokenizer_health = health_pb2_grpc.HealthStub(self._tokenizer_channel)
@@ -257,7 +260,7 @@ class Pipeline:
             # 3 + 4. Decode stream -> detokenize stream -> stop strings -> client.
             want_logprobs = completion.sampling.HasField("logprobs")
             stream = TextStream(self.detokenizer.sequence(remaining()), StopMatcher(request.stop))
-            batches = self._token_batches(prefill, completion, remaining)
+            batches = self._token_batches(prefill, completion, prompt_ids, remaining)
             try:
                 async for token_ids, reason, logprobs in batches:
                     if reason:
@@ -287,10 +290,12 @@ class Pipeline:
                 if completion.running:
                     self._abort_in_background(completion.request_id, completion.engine)
 
-    async def _prefill(self, completion: Completion, prompt_ids: list[int],
-                       remaining: Remaining) -> engine_pb2.PrefillResponse:
-        """An engine that is unreachable (or full) before the first token is safe to leave for another one."""
-        tried: list[str] = []
+    async def _prefill(self, completion: Completion, prompt_ids: list[int], remaining: Remaining,
+                       sampling: common_pb2.SamplingParams | None = None, replayed_tokens: int = 0,
+                       exclude: list[str] | None = None) -> engine_pb2.PrefillResponse:
+        """An engine that is unreachable (or full) before the first token is safe to leave for another one.
+        sampling and replayed_tokens differ from the completion's for a failover's replay."""
+        tried: list[str] = list(exclude or [])
         while True:
             engine = await self.router.pick(prompt_ids, exclude=tried)
             completion.engine = engine
@@ -298,7 +303,8 @@ class Pipeline:
                 await wait_ready(engine.channel, remaining())
                 return await engine.stub.Prefill(
                     engine_pb2.PrefillRequest(request_id=completion.request_id, prompt_token_ids=prompt_ids,
-                                              sampling=completion.sampling), timeout=remaining())
+                                              sampling=sampling or completion.sampling,
+                                              replayed_tokens=replayed_tokens), timeout=remaining())
             except grpc.aio.AioRpcError as exc:
                 retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -318,8 +324,45 @@ class Pipeline:
             chunk.token_bytes = await self.token_texts.fill(piece.logprobs, remaining)
         return chunk
 
-    async def _token_batches(self, prefill: engine_pb2.PrefillResponse, completion: Completion, remaining: Remaining
+    async def _token_batches(self, prefill: engine_pb2.PrefillResponse, completion: Completion,
+                             prompt_ids: list[int], remaining: Remaining
                              ) -> AsyncIterator[tuple[list[int], str, list[common_pb2.TokenLogprobs]]]:
+        """The completion's tokens as (token_ids, finish_reason, logprobs), from its engine and, when that engine
+        is lost mid-stream, from the engines it fails over to (gateway/failover.py)."""
+        generated: list[int] = []
+        failovers, skip = 0, 0
+        while True:
+            try:
+                async with aclosing(self._engine_batches(prefill, completion, remaining)) as batches:
+                    async for token_ids, reason, logprobs in batches:
+                        if skip:   # a restarted beam search: the client has these already
+                            dropped = min(skip, len(token_ids))
+                            token_ids, logprobs, skip = token_ids[dropped:], logprobs[dropped:], skip - dropped
+                            if not token_ids and not reason:
+                                continue
+                        generated.extend(token_ids)
+                        yield token_ids, reason, logprobs
+                return
+            except GatewayError as exc:
+                lost = completion.engine
+                assert lost is not None
+                if (not is_engine_lost(exc) or failovers >= self.max_failovers
+                        or not self.router.candidates(exclude=[lost.address])):
+                    raise
+            failovers += 1
+            metrics.FAILOVERS.labels(reason="engine_unavailable").inc()
+            log.warning("engine lost mid-stream; failing over %s", kv(
+                request_id=completion.request_id, engine=lost.address, tokens=len(generated)))
+            self.router.release(lost)
+            completion.engine, completion.running = None, False
+            plan = replay(prompt_ids, generated, completion.sampling)
+            prefill = await self._prefill(completion, plan.context, remaining, plan.sampling, plan.replayed_tokens,
+                                          exclude=[lost.address])
+            completion.running = not prefill.finish_reason
+            skip = plan.skip
+
+    async def _engine_batches(self, prefill: engine_pb2.PrefillResponse, completion: Completion, remaining: Remaining
+                              ) -> AsyncIterator[tuple[list[int], str, list[common_pb2.TokenLogprobs]]]:
         """The first token, then the sequence's outputs from the engine's Decode stream, as (token_ids,
         finish_reason, logprobs)."""
         engine = completion.engine
