@@ -12,7 +12,7 @@ from common.security import TlsFiles
 from common.server import run_service, run_until_signal, start_grpc_server
 from engine_service.engine import Engine
 from engine_service.model_runner import ModelRunner, pick_device, pick_dtype
-from engine_service.server import EngineServicer
+from engine_service.server import ROLES, EngineServicer
 from splitserve.v1 import engine_pb2_grpc
 
 log = logging.getLogger("splitserve.engine")
@@ -46,6 +46,9 @@ class EngineConfig:
     max_waiting: int = field(default=1024, metadata={"help": "waiting sequences at most; beyond: RESOURCE_EXHAUSTED"})
     decode_lease_seconds: float = field(default=30.0, metadata={"help": "abort a sequence no Decode stream claims in time"})
     fault_token_id: int = field(default=-1, metadata={"help": "testing only: a step that computes this token id fails"})
+    role: str = field(default="both", metadata={
+        "help": "both: prefill and decode; prefill: compute prompts for decode engines (disaggregated serving); "
+                "decode: take prompts' KV caches from prefill engines (and prefill locally when not given one)"})
     step_delay_seconds: float = field(default=0.0, metadata={"help": "testing only: every step sleeps this long"})
     shutdown_grace_seconds: float = field(default=30.0, metadata={
         "help": "on SIGTERM, running streams get this long to finish (longer than the gateway's 20 s)"})
@@ -60,6 +63,8 @@ class EngineConfig:
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and max_waiting must be positive")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be positive")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
 
 
 async def serve(config: EngineConfig) -> None:
@@ -75,7 +80,9 @@ async def serve(config: EngineConfig) -> None:
     engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                     draft_layers=config.draft_layers)
     engine.start()
-    servicer = EngineServicer(engine, config.decode_lease_seconds)
+    # To prefill engines: mutual TLS with this engine's own pair when it has a CA, else plaintext.
+    peer_tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_ca) if config.tls_ca else None
+    servicer = EngineServicer(engine, config.decode_lease_seconds, config.role, peer_tls)
     service = await start_grpc_server(
         lambda server: engine_pb2_grpc.add_EngineServicer_to_server(servicer, server),
         ["splitserve.v1.Engine"], config.host, config.port, config.metrics_port,

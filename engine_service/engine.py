@@ -3,7 +3,8 @@
 A step: the scheduler picks the chunks (decodes first, then prompt chunks) -> each decoding strategy plans its
 chunks (engine_service.decoding) -> the model runner computes them in one forward pass (a StepOutput) -> each
 strategy accepts its chunks' outputs -> the engine delivers the new tokens and ends the sequences that finish.
-Other threads talk to the loop only through `add_request` and `abort`, which post to its inbox.
+Other threads talk to the loop only through `add_request`, `abort` and the KV-transfer calls (`receive`,
+`write_transferred`, `join_transferred`), which post to its inbox.
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 
 from common.logs import kv
 from engine_service import metrics
 from engine_service.decoding import make_strategy
-from engine_service.decoding.base import StepResult, Strategy
+from engine_service.decoding.base import Plain, StepResult, Strategy
 from engine_service.inbox import EngineFullError, Inbox
 from engine_service.model_runner import ModelRunner, StepOutput
 from engine_service.sampler import Sampler
@@ -72,6 +75,17 @@ class Engine:
         """Queues a sequence; on_output is called from the loop thread with each new token and the finish.
         num_replayed: the prompt's last tokens were generated for this request elsewhere (a failover's replay).
         The returned sequence belongs to the loop thread: read it only once it finished."""
+        seq = self.new_sequence(request_id, prompt_ids, params, on_output, num_replayed)
+        self.add_sequence(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queues a sequence made by new_sequence. Raises EngineFullError."""
+        self._inbox.add(seq, len(self.scheduler.waiting))
+
+    def new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                     on_output: OutputCallback, num_replayed: int = 0) -> Sequence:
+        """A checked sequence with its decoding strategy, not yet queued. Raises RequestError."""
         params.validate()
         if params.num_beams > self.scheduler.max_num_seqs:   # its beams could never all run at once
             raise RequestError(f"num_beams {params.num_beams} is more than this engine runs at once "
@@ -87,8 +101,74 @@ class Engine:
             seq.strategy = make_strategy(seq, spec.max_context_length, self.draft_layers, spec.eos_token_ids)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        self._inbox.add(seq, len(self.scheduler.waiting))
         return seq
+
+    # -- disaggregated serving: a decode engine receiving a prompt's KV cache (engine_service.kv_transfer) -------
+    @staticmethod
+    def transferable(seq: Sequence) -> bool:
+        """Whether a prefill engine may compute the prompt: plain decoding only (beam and contrastive search
+        and the guessing strategies keep per-request state built during the prompt's own prefill)."""
+        return type(seq.strategy) is Plain
+
+    def receive(self, seq: Sequence) -> Future[int]:
+        """Gives seq blocks for its prompt: its longest cached prefix, fresh blocks for the rest. The result is the
+        number of leading blocks it already holds (the prefill engine skips them); EngineFullError when the cache
+        has no room."""
+        return self._in_loop(self._receive, seq)
+
+    def write_transferred(self, seq: Sequence, first_block: int, data: Any) -> Future[None]:
+        """Writes received blocks [first_block, first_block + n) of seq's prompt (a kv_cache.read_blocks tensor)."""
+        return self._in_loop(self._write_transferred, seq, first_block, data)
+
+    def join_transferred(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> Future[None]:
+        """The prompt's KV cache is complete: seq joins the running batch with its first token (computed by the
+        prefill engine). A sequence aborted meanwhile stays ended."""
+        return self._in_loop(self._join_transferred, seq, token, logprobs)
+
+    def _in_loop(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function(*args))
+            except Exception as exc:
+                future.set_exception(exc)
+        self._inbox.call(run)
+        return future
+
+    def _receive(self, seq: Sequence) -> int:
+        if seq.request_id in self._live:
+            raise RequestError(f"request {seq.request_id!r} is already running")
+        blocks = self.scheduler.blocks
+        queried = blocks.match_prefix(seq)
+        if not blocks.can_allocate(seq, seq.num_tokens):
+            blocks.free(seq)
+            raise EngineFullError("the engine's KV cache has no room for the prompt")
+        blocks.allocate(seq, seq.num_tokens)
+        self.scheduler.prefix_queried_tokens += queried
+        self.scheduler.prefix_hit_tokens += seq.num_computed
+        seq.status = SequenceStatus.RECEIVING
+        seq.first_scheduled_time = time.perf_counter()
+        self._live[seq.request_id] = seq
+        return seq.num_computed // blocks.block_size
+
+    def _write_transferred(self, seq: Sequence, first_block: int, data: Any) -> None:
+        if seq.status is not SequenceStatus.RECEIVING:   # aborted: its blocks may belong to another sequence now
+            return
+        count = data.shape[3] // self.runner.block_size
+        if first_block < seq.num_computed // self.runner.block_size or first_block + count > len(seq.block_table):
+            raise ValueError(f"blocks [{first_block}, {first_block + count}) are not this prompt's to receive")
+        self.runner.cache.write_blocks(seq.block_table[first_block:first_block + count], self.runner.block_size, data)
+
+    def _join_transferred(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        if seq.status is not SequenceStatus.RECEIVING:
+            return
+        seq.num_computed = seq.num_tokens
+        self.scheduler.blocks.register_full_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        self._now = time.perf_counter()
+        self._append_token(seq, token, logprobs)
 
     def abort(self, request_id: str) -> None:
         self._inbox.abort(request_id)
@@ -123,6 +203,8 @@ class Engine:
                 self.scheduler.add(payload)
             elif command == "abort" and (seq := self._live.get(str(payload))) is not None:
                 self.finish(seq, "abort")
+            elif command == "call":
+                payload()
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -161,6 +243,8 @@ class Engine:
     def _advance(self, seq: Sequence, num_computed: int) -> None:
         seq.num_computed = num_computed
         self.scheduler.blocks.register_full_blocks(seq)
+        if seq.export is not None:   # a prefill engine sends each chunk's full blocks as soon as they are computed
+            seq.export.computed(seq, self.runner.cache, final=False)
 
     # -- the Step the strategies act through (with forward, fork and free) --------------------------------------
     def emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs | None] | None = None) -> None:
@@ -181,6 +265,8 @@ class Engine:
     def finish(self, seq: Sequence, reason: str, output: SequenceOutput | None = None) -> None:
         if seq.status is SequenceStatus.FINISHED:
             return
+        if seq.export is not None and reason in ("stop", "length"):   # the rest, before the blocks are freed
+            seq.export.computed(seq, self.runner.cache, final=True)
         self.scheduler.finish(seq, reason)
         self._live.pop(seq.request_id, None)
         metrics.REQUESTS_FINISHED.labels(finish_reason=reason).inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from engine_service.sequence import Sequence
 
@@ -27,6 +27,10 @@ class Inbox:
                 raise EngineFullError(f"the engine's waiting queue is full ({self.max_waiting} requests)")
             self._pending += 1
         self._queue.put(("add", seq))
+
+    def call(self, function: Callable[[], None]) -> None:
+        """Runs function on the loop thread between steps (work on the scheduler's or the cache's state)."""
+        self._queue.put(("call", function))
 
     def abort(self, request_id: str) -> None:
         self._queue.put(("abort", request_id))

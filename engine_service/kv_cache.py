@@ -159,6 +159,25 @@ class KVCache:
                   for _ in range(shape.num_layers)]
         self.v = [torch.zeros_like(t) for t in self.k]
 
+    def read_blocks(self, blocks: list[int], block_size: int) -> torch.Tensor:
+        """The blocks' keys and values, layer-major, on the CPU: [layers, 2 (k, v), kv_heads, len(blocks) *
+        block_size, head_dim] (what a KV transfer sends)."""
+        slots = self._block_slots(blocks, block_size)
+        return torch.stack([torch.stack((k.index_select(1, slots), v.index_select(1, slots)))
+                            for k, v in zip(self.k, self.v)]).cpu()
+
+    def write_blocks(self, blocks: list[int], block_size: int, data: torch.Tensor) -> None:
+        """Writes what read_blocks returned (of another engine with the same layout) into these blocks."""
+        slots = self._block_slots(blocks, block_size)
+        data = data.to(self.k[0].device)
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            k.index_copy_(1, slots, data[layer, 0])
+            v.index_copy_(1, slots, data[layer, 1])
+
+    def _block_slots(self, blocks: list[int], block_size: int) -> torch.Tensor:
+        starts = torch.tensor(blocks, dtype=torch.long).unsqueeze(1) * block_size
+        return (starts + torch.arange(block_size)).flatten().to(self.k[0].device)
+
     def copy_block(self, source: int, target: int, block_size: int) -> None:
         slots = torch.arange(block_size, device=self.k[0].device)
         self.copy_slots(slots + source * block_size, slots + target * block_size)

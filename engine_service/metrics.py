@@ -19,6 +19,16 @@ SPEC_DRAFT_TOKENS = Counter("splitserve_engine_spec_draft_tokens",
 SPEC_ACCEPTED_TOKENS = Counter("splitserve_engine_spec_accepted_tokens",
                                "Tokens beyond the first that speculative and lookahead steps produced")
 
+KV_TRANSFER_BYTES = Counter("splitserve_engine_kv_transfer_bytes", "KV-cache bytes sent to or received from other "
+                            "engines (disaggregated serving)", ["direction"])
+KV_TRANSFER_BLOCKS = Counter("splitserve_engine_kv_transfer_blocks", "KV-cache blocks sent or received",
+                             ["direction"])
+KV_TRANSFER_SKIPPED_BLOCKS = Counter("splitserve_engine_kv_transfer_skipped_blocks",
+                                     "Leading prompt blocks a decode engine held already, so not transferred")
+KV_TRANSFER_SECONDS = Histogram("splitserve_engine_kv_transfer_seconds", "Duration of one prompt's KV transfer, "
+                                "first request to last block", ["direction"], buckets=latency_buckets())
+
+
 def observe_step(num_decodes: int, num_chunks: int, seconds: float) -> None:
     kind = "decode" if num_decodes == num_chunks else "prefill" if num_decodes == 0 else "mixed"
     STEP_SECONDS.labels(kind=kind).observe(seconds)

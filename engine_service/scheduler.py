@@ -79,6 +79,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        # RECEIVING: in neither queue until its transferred KV cache is complete (Engine.join_transferred)
         for member in seq.strategy.members(seq):
             self.blocks.free(member)
         self.blocks.free(seq)

@@ -13,6 +13,7 @@ from engine_service.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from engine_service.decoding.base import Strategy
+    from engine_service.kv_transfer import KvExport
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ OutputCallback = Callable[[SequenceOutput], None]
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    RECEIVING = "receiving"      # its prompt's KV cache is on its way from a prefill engine (disaggregated serving)
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -63,6 +65,7 @@ class Sequence:
     generator_position: int = -1          # the position its generator was last keyed for (engine_service.sampler)
     strategy: Strategy | None = None      # its decoding strategy (engine_service.decoding), set by the engine
     num_steps: int = 0                    # forward passes that computed this sequence (speculative bookkeeping)
+    export: KvExport | None = None        # a prefill engine's: sends its blocks to a decode engine as computed
 
     @property
     def num_tokens(self) -> int:

@@ -1,6 +1,8 @@
 """The Engine gRPC servicer: protobuf in and out around the plain Engine. Prefill queues a sequence and answers its
 first token; Decode streams carry many sequences each, one message per step (engine_service.streams holds the
-sequences between the two, and the buffers between the step loop and the streams)."""
+sequences between the two, and the buffers between the step loop and the streams). With a prefill engine's address,
+Prefill gets the prompt's KV cache from that engine instead of computing it; TransferKV is the other end of that
+(engine_service.kv_transfer). --role prefill serves only TransferKV, --role decode everything else."""
 from __future__ import annotations
 
 import asyncio
@@ -8,13 +10,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from common.security import TlsFiles
 from engine_service.engine import Engine, EngineFullError
+from common.disaggregation import PREFILL_UNAVAILABLE
+from engine_service.kv_transfer import PrefillPeers, TransferError, serve_transfer
 from engine_service.sampling import SamplingParams
 from engine_service.streams import OutputStreams, ended_early
 from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
-
-
+ROLES = ("both", "prefill", "decode")
 MAX_REQUEST_ID_CHARS = 256   # the gateway makes ids of 128 at most (n > 1 adds a suffix)
 
 def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
@@ -45,9 +49,12 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
 
 
 class EngineServicer(engine_pb2_grpc.EngineServicer):
-    def __init__(self, engine: Engine, decode_lease_seconds: float) -> None:
+    def __init__(self, engine: Engine, decode_lease_seconds: float, role: str = "both",
+                 peer_tls: TlsFiles | None = None) -> None:
         self.engine = engine
+        self.role = role
         self.streams = OutputStreams(engine.abort, decode_lease_seconds)
+        self.peers = PrefillPeers(engine, peer_tls)   # the prefill engines this one gets KV caches from
 
     async def drain(self) -> None:
         self.streams.drain()
@@ -55,6 +62,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def Prefill(self, request: engine_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> engine_pb2.PrefillResponse:
         request_id = request.request_id
+        await self._refuse_role("prefill", context)
         if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request_id is required, at most {MAX_REQUEST_ID_CHARS} characters")
@@ -62,18 +70,33 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
         stream, on_output = self.streams.open(request_id)
         try:
-            self.engine.add_request(request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
-                                    on_output, request.replayed_tokens)
+            seq = self.engine.new_sequence(request_id, list(request.prompt_token_ids),
+                                           sampling_from_proto(request.sampling), on_output, request.replayed_tokens)
+            remote = bool(request.prefill_engine_address) and self.engine.transferable(seq)
+            if not remote:
+                self.engine.add_sequence(seq)
         except EngineFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:  # RequestError and parameter validation
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self.streams.add(stream)
+        transfer_seconds = 0.0
         try:
+            if remote:
+                transfer_seconds = await self.peers.transfer(seq, request, context.time_remaining())
             first = await stream.first
         except asyncio.CancelledError:
             self.streams.drop(stream, abort=True)
             raise
+        except (TransferError, EngineFullError, ValueError) as exc:
+            self.streams.drop(stream, abort=True)
+            if isinstance(exc, EngineFullError):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            if not isinstance(exc, TransferError):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if exc.prefill_address:
+                context.set_trailing_metadata(((PREFILL_UNAVAILABLE, exc.prefill_address),))
+            await context.abort(exc.code, exc.message)
         if first.token_id is None:
             self.streams.drop(stream, abort=False)
             await context.abort(*ended_early(request_id, first.finish_reason))
@@ -82,13 +105,33 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         else:
             self.streams.lease(stream)
         response = engine_pb2.PrefillResponse(token_id=first.token_id, finish_reason=first.finish_reason,
-                                              queue_seconds=first.queue_seconds, prefill_seconds=first.prefill_seconds)
+                                              queue_seconds=first.queue_seconds, prefill_seconds=first.prefill_seconds,
+                                              kv_transfer_seconds=transfer_seconds)
         if first.logprobs is not None:
             response.logprobs.CopyFrom(first.logprobs)
         return response
 
+    async def TransferKV(self, request: engine_pb2.KvTransferRequest, context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[engine_pb2.KvTransferChunk]:
+        await self._refuse_role("decode", context)
+        try:
+            params = sampling_from_proto(request.sampling)
+            async for chunk in serve_transfer(self.engine, request, params, context):
+                yield chunk
+        except EngineFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _refuse_role(self, role: str, context: grpc.aio.ServicerContext) -> None:
+        if self.role == role:
+            work = "computes prompts for decode engines only (TransferKV)" if role == "prefill" else \
+                "does not compute prompts for other engines"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this engine has --role {role}: it {work}")
+
     async def Decode(self, request_iterator: AsyncIterator[engine_pb2.DecodeRequest],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[engine_pb2.DecodeResponse]:
+        await self._refuse_role("prefill", context)
         async for outputs in self.streams.decode(request_iterator):
             yield engine_pb2.DecodeResponse(outputs=outputs)
 

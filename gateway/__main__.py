@@ -30,6 +30,9 @@ class GatewayConfig:
     engine_address: str = field(default="127.0.0.1:50053", metadata={
         "help": "engine service(s): host:port, a comma-separated list, or dns:///name:port (one engine per address)"})
     engine_health_interval: float = field(default=1.0, metadata={"help": "seconds between engine health checks"})
+    prefill_engine_address: str = field(default="", metadata={
+        "help": "disaggregated serving: prefill engine(s) (--role prefill), as --engine-address; the engines of "
+                "--engine-address then decode, with the prompts' KV caches sent from these"})
     max_failovers: int = field(default=1, metadata={
         "help": "times a stream moves to another engine when its engine is lost mid-stream (0: never)"})
     router_balance_slack: int = field(default=16, metadata={
@@ -94,7 +97,7 @@ async def serve(config: GatewayConfig) -> None:
     pipeline = Pipeline(config.tokenizer_address, config.engine_address,
                         RouterSettings(health_interval=config.engine_health_interval,
                                        balance_slack=config.router_balance_slack), config.upstream_tls,
-                        config.max_failovers)
+                        config.max_failovers, config.prefill_engine_address)
     limits = Limits(max_stop_strings=config.max_stop_strings, max_stop_string_chars=config.max_stop_string_chars,
                     max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens,
                     max_output_tokens=config.max_output_tokens, max_messages=config.max_messages,

@@ -3,7 +3,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from common.metrics import latency_buckets
 
-PHASES = ("tokenize", "queue", "prefill", "decode", "detokenize")
+PHASES = ("tokenize", "queue", "prefill", "decode", "detokenize")   # every request's
+KV_TRANSFER = "kv_transfer"   # a phase of disaggregated requests only: prefill engine -> decode engine
 
 PHASE_SECONDS = Histogram("splitserve_request_phase_seconds", "Time a request spent in each phase", ["phase"],
                           buckets=latency_buckets())

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.disaggregation import PREFILL_UNAVAILABLE
 from common.logs import kv
 from common.security import TlsFiles, aio_channel
 from gateway import metrics
@@ -57,7 +58,7 @@ class Timings:
     first_chunk: float | None = None
 
     def slowest(self, phase: str, seconds: float) -> None:
-        self.phases[phase] = max(self.phases[phase], seconds)
+        self.phases[phase] = max(self.phases.get(phase, 0.0), seconds)
 
     def observe(self) -> None:
         for phase, seconds in self.phases.items():
@@ -118,7 +119,7 @@ def _remaining(deadline: float | None) -> Remaining:
 class Pipeline:
     def __init__(self, tokenizer_address: str, engine_address: str,
                  router_settings: RouterSettings = RouterSettings(), tls: TlsFiles | None = None,
-                 max_failovers: int = 1) -> None:
+                 max_failovers: int = 1, prefill_engine_address: str = "") -> None:
         self.tokenizer_address = tokenizer_address
         self.max_failovers = max_failovers          # per engine sequence (gateway/failover.py)
         self.engine_address = engine_address
@@ -128,6 +129,9 @@ class Pipeline:
         self.token_texts = TokenTextCache(self.tokenizer, tokenizer_address)
         self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address)
         self.router = EngineRouter(engine_address, router_settings, tls)  # one engine or several: see router.py
+        # Disaggregated serving: prompts are computed on these and their KV caches sent to the engine decoding.
+        self.prefill_router = EngineRouter(prefill_engine_address, router_settings, tls) \
+            if prefill_engine_address else None
         self._model_info: common_pb2.ModelInfo | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -135,6 +139,8 @@ class Pipeline:
         self.detokenizer.close()
         await self._tokenizer_channel.close()
         await self.router.close()
+        if self.prefill_router is not None:
+            await self.prefill_router.close()
 
     async def upstreams_serving(self, timeout: float) -> tuple[bool, int]:
         """Whether the tokenizer answers SERVING, and how many engines passed their last health check."""
@@ -254,6 +260,8 @@ class Pipeline:
             prefill_done = time.perf_counter()
             timings.slowest("queue", prefill.queue_seconds)
             timings.slowest("prefill", max(0.0, prefill_done - started - prefill.queue_seconds))
+            if self.prefill_router is not None:
+                timings.slowest(metrics.KV_TRANSFER, prefill.kv_transfer_seconds)
             completion.last_token = prefill_done
             completion.running = not prefill.finish_reason
 
@@ -296,16 +304,26 @@ class Pipeline:
         """An engine that is unreachable (or full) before the first token is safe to leave for another one.
         sampling and replayed_tokens differ from the completion's for a failover's replay."""
         tried: list[str] = list(exclude or [])
+        tried_prefill: list[str] = []
         while True:
             engine = await self.router.pick(prompt_ids, exclude=tried)
             completion.engine = engine
+            prefill_engine = None
             try:
+                if self.prefill_router is not None:
+                    prefill_engine = await self.prefill_router.pick(prompt_ids, exclude=tried_prefill)
                 await wait_ready(engine.channel, remaining())
                 return await engine.stub.Prefill(
                     engine_pb2.PrefillRequest(request_id=completion.request_id, prompt_token_ids=prompt_ids,
                                               sampling=sampling or completion.sampling,
-                                              replayed_tokens=replayed_tokens), timeout=remaining())
+                                              replayed_tokens=replayed_tokens,
+                                              prefill_engine_address=prefill_engine.address if prefill_engine else ""),
+                    timeout=remaining())
             except grpc.aio.AioRpcError as exc:
+                if prefill_engine is not None and self._prefill_engine_failed(exc, prefill_engine, tried_prefill):
+                    self.router.release(engine)
+                    completion.engine = None
+                    continue
                 retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     self.router.mark_unavailable(engine, "Prefill: UNAVAILABLE")
@@ -316,6 +334,26 @@ class Pipeline:
                 completion.engine = None
                 log.info("prefill retried on another engine %s",
                          kv(request_id=completion.request_id, engine=engine.address, code=exc.code().name))
+            finally:
+                if prefill_engine is not None:
+                    assert self.prefill_router is not None
+                    self.prefill_router.release(prefill_engine)
+
+    def _prefill_engine_failed(self, exc: grpc.aio.AioRpcError, prefill_engine: EngineEndpoint,
+                               tried: list[str]) -> bool:
+        """Whether the decode engine reports that the prefill engine failed and another one may be tried (it
+        says so in trailing metadata); raises when none is left."""
+        assert self.prefill_router is not None
+        if not any(key == PREFILL_UNAVAILABLE for key, _ in exc.trailing_metadata() or ()):
+            return False
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self.prefill_router.mark_unavailable(prefill_engine, "TransferKV: UNAVAILABLE")
+        tried.append(prefill_engine.address)
+        if not self.prefill_router.candidates(exclude=tried):
+            raise GatewayError(exc.code(), exc.details() or "the prefill engine failed") from None
+        log.info("prefill retried on another prefill engine %s", kv(engine=prefill_engine.address,
+                                                                     code=exc.code().name))
+        return True
 
     async def _chunk(self, completion: Completion, piece: TextPiece, remaining: Remaining) -> Chunk:
         chunk = Chunk(piece.text, piece.token_ids, piece.finish_reason, index=completion.index,
