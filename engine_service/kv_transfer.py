@@ -172,6 +172,7 @@ class PrefillPeers:
         skip = await asyncio.wrap_future(self.engine.receive(seq))
         metrics.KV_TRANSFER_SKIPPED_BLOCKS.inc(skip)
         started, received, joined = time.perf_counter(), 0, False
+        call = None
         try:
             call = self._stub(address).TransferKV(engine_pb2.KvTransferRequest(
                 request_id=request.request_id, prompt_token_ids=request.prompt_token_ids, sampling=request.sampling,
@@ -197,6 +198,8 @@ class PrefillPeers:
         finally:
             if not joined:
                 self.engine.abort(seq.request_id)   # frees the blocks received so far
+                if call is not None:
+                    call.cancel()                   # the prefill engine stops computing it
             metrics.KV_TRANSFER_BYTES.labels(direction="received").inc(received)
         seconds = time.perf_counter() - started
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(seconds)

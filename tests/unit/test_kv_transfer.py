@@ -1,0 +1,101 @@
+"""KV transfer in-process (no gRPC) on the tiny Llama: a prefill engine's exported blocks, written into a decode
+engine, continue exactly as if the decode engine had computed the prompt; chunks are checked; a decode engine
+without room refuses; an aborted transfer leaves no block behind."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+
+from engine_service.engine import EngineFullError
+from engine_service.kv_transfer import KvExport, TransferError, decode, encode, layout_of
+from engine_service.sampling import SamplingParams
+from engine_service.sequence import SequenceOutput
+from tests.helpers import reference_greedy
+from tests.unit.test_engine import BLOCK_BYTES, Collector, make_engine
+
+PROMPT = list(range(300, 400))       # 100 tokens: 6 full blocks and a partial one; 2 steps of 64 on the prefill side
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    prefill, decoding = make_engine(tiny_model_dir, max_num_batched_tokens=64), make_engine(tiny_model_dir)
+    yield prefill, decoding
+    prefill.stop()
+    decoding.stop()
+
+
+def export_prompt(prefill, request_id: str, skip_blocks: int):
+    """Runs the prompt on the prefill engine for its first token; returns the chunks sent and that token."""
+    chunks, first, done = [], [], threading.Event()
+
+    def on_output(output: SequenceOutput) -> None:
+        first.extend(output.token_ids)
+        done.set()
+
+    seq = prefill.new_sequence(request_id, PROMPT, SamplingParams(max_tokens=1), on_output)
+    seq.export = KvExport(skip_blocks, 16, BLOCK_BYTES, chunks.append)
+    prefill.add_sequence(seq)
+    assert done.wait(60)
+    return chunks, first[0]
+
+
+def test_transferred_blocks_continue_like_a_local_prefill(engines, tiny_model):
+    prefill, decoding = engines
+    collector = Collector()
+    seq = decoding.new_sequence("moved", PROMPT, SamplingParams(max_tokens=12), collector.callback("moved"))
+    skip = decoding.receive(seq).result(30)
+    chunks, first = export_prompt(prefill, "moved", skip)
+    assert len(chunks) >= 2 and chunks[0].first_block == skip       # sent as the two prefill steps ended
+    layout = layout_of(decoding)
+    for chunk in chunks:
+        decoding.write_transferred(seq, chunk.first_block, decode(chunk, layout)).result(30)
+    decoding.join_transferred(seq, first, None).result(30)
+    collector.wait(1)
+    assert collector.tokens["moved"] == reference_greedy(tiny_model, PROMPT, 12)
+    assert decoding.stats().kv_blocks_used == 0 and prefill.stats().kv_blocks_used == 0
+
+    # The same prompt again: the decode engine holds its full blocks now and asks only for the partial last one.
+    again = decoding.new_sequence("again", PROMPT, SamplingParams(max_tokens=1), lambda output: None)
+    assert decoding.receive(again).result(30) == len(PROMPT) // 16
+    decoding.abort("again")
+    assert _idle(decoding)
+
+
+def test_a_corrupted_chunk_is_refused(engines):
+    prefill, decoding = engines
+    chunks, _ = export_prompt(prefill, "corrupt", 0)
+    chunk = chunks[0]
+    chunk.payload = bytes([chunk.payload[0] ^ 1]) + chunk.payload[1:]
+    with pytest.raises(TransferError) as error:
+        decode(chunk, layout_of(decoding))
+    assert error.value.code == grpc.StatusCode.DATA_LOSS
+    assert encode(0, 1, torch.zeros(2, 2, 2, 16, 16)).crc32 != encode(0, 1, torch.ones(2, 2, 2, 16, 16)).crc32
+
+
+def test_a_full_decode_engine_refuses_and_an_abort_frees_the_blocks(tiny_model_dir, engines):
+    _, decoding = engines
+    half = decoding.new_sequence("half", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
+    decoding.receive(half).result(30)
+    assert decoding.stats().kv_blocks_used > 0
+    decoding.abort("half")                      # the prefill side died mid-transfer
+    assert _idle(decoding)
+    small = make_engine(tiny_model_dir, kv_blocks=8)    # room for one prompt of 7 blocks
+    try:
+        first = small.new_sequence("first", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
+        small.receive(first).result(30)
+        second = small.new_sequence("second", PROMPT[::-1], SamplingParams(max_tokens=4), lambda output: None)
+        with pytest.raises(EngineFullError):
+            small.receive(second).result(30)
+        small.abort("first")
+        assert _idle(small)
+    finally:
+        small.stop()
+
+
+def _idle(engine) -> bool:
+    """Waits (through the loop's own queue) until the commands posted so far ran; True when no block is held."""
+    engine._in_loop(lambda: None).result(30)   # the loop runs commands in order: the abort ran before it
+    return engine.stats().kv_blocks_used == 0
