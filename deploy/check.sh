@@ -8,10 +8,11 @@ BIN=$(dirname "$PY")
 run() { echo "+ $*"; "$@"; }
 run docker-compose -f deploy/docker-compose.yml config --quiet
 run docker-compose -f deploy/docker-compose.yml -f deploy/docker-compose.gpu.yml config --quiet
+run docker-compose -f deploy/docker-compose.yml -f deploy/docker-compose.disaggregated.yml config --quiet
 run promtool check config deploy/prometheus/prometheus.yml
 run promtool check rules deploy/prometheus/rules/*.yml
 run promtool test rules deploy/prometheus/tests/*.yml
-run "$BIN/kubernetes-validate" --strict deploy/k8s/*.yaml
+run "$BIN/kubernetes-validate" --strict deploy/k8s/*.yaml deploy/k8s/disaggregated/*.yaml
 run "$BIN/hadolint" deploy/Dockerfile
 run "$PY" deploy/grafana/dashboard.py --check
 echo "deploy-check: all passed"

@@ -16,6 +16,7 @@ from pathlib import Path
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "splitserve.json"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}   # provisioned with this uid (provisioning/datasources)
 RATE = "$__rate_interval"
+RECEIVED = 'direction="received"'   # the decode engines' side of KV transfers
 QUANTILES = (0.5, 0.95, 0.99)
 REPLICA = 'instance=~"$instance"'
 
@@ -147,6 +148,34 @@ ROWS = [
               "(splitserve_engine_requests_finished_total).",
               [Query(f"sum by (finish_reason) ({rate('splitserve_engine_requests_finished_total')})",
                      "{{finish_reason}}")]),
+    ]),
+    Row("Disaggregated serving and failover (0 while unused)", [
+        Panel("Phase: kv_transfer",
+              "p50/p95/p99 of the time disaggregated requests spent getting their prompt's KV cache from the "
+              "prefill engine to the decode engine (splitserve_request_phase_seconds{phase=\"kv_transfer\"}); 0 "
+              "without --prefill-engine-address.",
+              [Query(f"{q.expr} or vector(0)", q.legend)
+               for q in quantiles("splitserve_request_phase_seconds", 'phase="kv_transfer"')], unit="s"),
+        Panel("KV transfer rate",
+              "Bytes per second of KV cache the prefill engines sent and the decode engines received "
+              "(splitserve_engine_kv_transfer_bytes_total).",
+              [Query(f"sum by (direction) ({rate('splitserve_engine_kv_transfer_bytes_total')}) or vector(0)",
+                     "{{direction}}")], unit="Bps"),
+        Panel("KV transfer time and blocks",
+              "p95 of one prompt's transfer at the decode engines (splitserve_engine_kv_transfer_seconds), and "
+              "the blocks per second received and skipped because the decode engine's prefix cache held them "
+              "(splitserve_engine_kv_transfer_blocks_total, _skipped_blocks_total).",
+              [Query("histogram_quantile(0.95, sum by (le) ("
+                     f"{rate('splitserve_engine_kv_transfer_seconds_bucket', RECEIVED)})) "
+                     "or vector(0)", "p95 transfer (s)"),
+               Query(f"sum({rate('splitserve_engine_kv_transfer_blocks_total', RECEIVED)}) "
+                     "or vector(0)", "blocks received/s"),
+               Query(f"sum({rate('splitserve_engine_kv_transfer_skipped_blocks_total')}) or vector(0)",
+                     "blocks skipped/s")]),
+        Panel("Failovers",
+              "Streams per second that moved to another engine because theirs was lost mid-stream, by reason "
+              "(splitserve_failovers_total); the client saw no error.",
+              [Query(f"sum by (reason) ({rate('splitserve_failovers_total')}) or vector(0)", "{{reason}}")]),
     ]),
     Row("Engine $instance", repeat="instance", panels=[
         Panel("Running and waiting",

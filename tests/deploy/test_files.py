@@ -12,9 +12,11 @@ import yaml
 from common.stack import Stack
 from tests.deploy.conftest import COMPOSE_FILE, DEPLOY, GPU_COMPOSE_FILE, REPO, compose_config, tool
 
+DISAGGREGATED_COMPOSE_FILE = DEPLOY / "docker-compose.disaggregated.yml"
+
 SPLITSERVE_SERVICES = ("tokenizer", "engine", "gateway")
 RULE_FILES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
-K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
+K8S_FILES = sorted((DEPLOY / "k8s").glob("**/*.yaml"))   # the base manifests and disaggregated/
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "splitserve.json"
 
 
@@ -188,3 +190,32 @@ def test_compose_tls_override_mounts_certificates_and_turns_on_mutual_tls():
             ("/certs/node.pem", "/certs/node.key", "/certs/ca.pem"), name
         assert any(v.endswith(":/certs:ro") for v in volumes), name
         assert "models:/models:rw" in volumes, name   # the override keeps the model volume
+
+
+def test_the_disaggregated_variants_run_prefill_and_decode_engines_and_point_the_gateway_at_both():
+    services = compose_config(COMPOSE_FILE, DISAGGREGATED_COMPOSE_FILE)["services"]
+    assert services["prefill"]["command"] == services["engine"]["command"]
+    assert services["prefill"]["environment"]["ROLE"] == "prefill" and services["engine"]["environment"]["ROLE"] == "decode"
+    assert services["prefill"]["healthcheck"] == services["engine"]["healthcheck"]
+    gateway = services["gateway"]
+    assert gateway["environment"]["PREFILL_ENGINE_ADDRESS"] == "dns:///prefill:50053"
+    assert gateway["environment"]["ENGINE_ADDRESS"] == "dns:///engine:50053"
+    assert gateway["depends_on"]["prefill"] == {"condition": "service_healthy"}
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    engine_job = next(job for job in scrape if job["job_name"] == "splitserve-engine")
+    assert ["prefill"] in [sd["names"] for sd in engine_job["dns_sd_configs"]]
+
+    documents = [d for path in sorted((DEPLOY / "k8s").glob("**/*.yaml")) for d in yaml.safe_load_all(path.read_text())]
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    config = by_name[("ConfigMap", "splitserve-disaggregated")]["data"]
+    prefill = by_name[("StatefulSet", "splitserve-prefill")]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "ROLE", "value": "prefill"} in prefill["env"]
+    service = by_name[("Service", "splitserve-prefill")]["spec"]
+    assert service["clusterIP"] == "None" and config["ROLE"] == "decode"
+    assert config["PREFILL_ENGINE_ADDRESS"] == f"dns:///splitserve-prefill:{service['ports'][0]['port']}"
+    for kind, name in (("StatefulSet", "splitserve-engine"), ("Deployment", "splitserve-gateway")):
+        container = by_name[(kind, name)]["spec"]["template"]["spec"]["containers"][0]
+        assert {"configMapRef": {"name": "splitserve-disaggregated", "optional": True}} in container["envFrom"]
+    policy = by_name[("NetworkPolicy", "splitserve-prefill")]["spec"]["ingress"][0]
+    callers = [rule["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for rule in policy["from"]]
+    assert sorted(callers) == ["splitserve-engine", "splitserve-gateway"]
