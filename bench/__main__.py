@@ -15,6 +15,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench import peers, report
+from bench.disaggregated import ARRIVALS, disaggregated_scenario
 from bench.inprocess import inprocess_throughput
 from bench.speculative import speculative_scenario
 from bench.splitserve_client import run_concurrent
@@ -41,6 +42,8 @@ class BenchConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for every system; 0 = all cores"})
     llamacpp_python: str = field(default=".bench-venv/bin/python", metadata={"help": "python with llama-cpp-python"})
     speculative_max_tokens: int = field(default=128, metadata={"help": "output tokens, speculative scenario"})
+    disaggregated_prompt_tokens: int = field(default=2048, metadata={
+        "help": "length of the prompts arriving in the disaggregated scenario (0: skip the scenario)"})
     hf_continuous_batching: bool = field(default=True, metadata={"help": "run transformers' generate_batch"})
     out: str = field(default="bench/results", metadata={"help": "where latest.json and the plots go"})
     log_level: str = "WARNING"
@@ -217,6 +220,10 @@ def main() -> None:
     scenarios["speculative"] = speculative_scenario(engine, tokenizer, config.speculative_max_tokens)
     engine.stop()
     progress.update()
+    if config.disaggregated_prompt_tokens:
+        progress.set_postfix_str("disaggregated")
+        long_prompts = [random_prompt(tokenizer, config.disaggregated_prompt_tokens, rng) for _ in range(ARRIVALS + 1)]
+        scenarios["disaggregated"] = disaggregated_scenario(config.model, long_prompts, out / "logs" / "disaggregated")
     progress.close()
 
     results = {"machine": machine(), "date": datetime.date.today().isoformat(), "model": info.model,
