@@ -26,7 +26,9 @@ class GatewayConfig:
     host: str = field(default="0.0.0.0", metadata={"env": "GATEWAY_HOST"})
     port: int = field(default=50051, metadata={"env": "GATEWAY_PORT"})
     metrics_port: int = field(default=9100, metadata={"env": "GATEWAY_METRICS_PORT"})
-    tokenizer_address: str = field(default="127.0.0.1:50052", metadata={"help": "host:port of the tokenizer service"})
+    tokenizer_address: str = field(default="127.0.0.1:50052", metadata={
+        "help": "the tokenizer service: host:port, or dns:///name:port (or ipv4:a:p,b:q) to spread requests over "
+                "every tokenizer the name resolves to"})
     engine_address: str = field(default="127.0.0.1:50053", metadata={
         "help": "engine service(s): host:port, a comma-separated list, or dns:///name:port (one engine per address)"})
     engine_health_interval: float = field(default=1.0, metadata={"help": "seconds between engine health checks"})

@@ -21,6 +21,17 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+# A target that names several servers (dns:///name:port resolving to several addresses, as a Kubernetes headless
+# Service does, or an ipv4:a:p,b:q list) gets gRPC's round_robin policy: unary calls go to each server in turn,
+# and each new stream to the next one (the tokenizer's: several Detokenize streams, gateway/detokenize.py).
+SPREAD_OPTIONS = [("grpc.lb_policy_name", "round_robin")]
+SPREAD_STREAMS = 4
+
+
+def spreads(target: str) -> bool:
+    return target.startswith(("dns:", "ipv4:", "ipv6:"))
+
+
 CONNECT_WAIT_SECONDS = 2.5   # over two reconnect periods, jitter (±20 %) included
 
 

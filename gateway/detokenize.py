@@ -89,21 +89,27 @@ class DetokenizeSequence:
 
 class SharedDetokenizer:
     """Opens the shared stream on first use, and again after it broke (a restarted tokenizer): sequences
-    started on the broken one fail with its error, later ones get the new stream."""
+    started on the broken one fail with its error, later ones get the new stream. With `streams` > 1 it keeps that
+    many and gives new sequences to each in turn: over a channel that spreads calls over several tokenizers
+    (channels.spreads), each stream lands on another one."""
 
-    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, address: str) -> None:
+    def __init__(self, stub: tokenizer_pb2_grpc.TokenizerStub, address: str, streams: int = 1) -> None:
         self._stub = stub
         self._address = address
-        self._call: _DetokenizeCall | None = None
+        self._calls: list[_DetokenizeCall | None] = [None] * streams
+        self._turn = 0
         self._last_number = 0   # increases across streams, as a stream requires of new sequences
 
     def sequence(self, timeout: float | None) -> DetokenizeSequence:
         """A new sequence; `timeout` (seconds) ends a wait for its text with DEADLINE_EXCEEDED."""
-        if self._call is None or self._call.failure is not None:
-            self._call = _DetokenizeCall(self._stub.Detokenize(), self._address)
+        self._turn = (self._turn + 1) % len(self._calls)
+        call = self._calls[self._turn]
+        if call is None or call.failure is not None:
+            call = self._calls[self._turn] = _DetokenizeCall(self._stub.Detokenize(), self._address)
         self._last_number += 1
-        return DetokenizeSequence(self._call, self._last_number, timeout)
+        return DetokenizeSequence(call, self._last_number, timeout)
 
     def close(self) -> None:
-        if self._call is not None:
-            self._call.fail(GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down"))
+        for call in self._calls:
+            if call is not None:
+                call.fail(GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down"))

@@ -17,7 +17,7 @@ from common.disaggregation import PREFILL_UNAVAILABLE
 from common.logs import kv
 from common.security import TlsFiles, aio_channel
 from gateway import metrics
-from gateway.channels import CHANNEL_OPTIONS, wait_ready
+from gateway.channels import CHANNEL_OPTIONS, SPREAD_OPTIONS, SPREAD_STREAMS, spreads, wait_ready
 from gateway.detokenize import SharedDetokenizer
 from gateway.errors import GatewayError, deadline_expired, from_rpc_error
 from gateway.failover import is_engine_lost, replay
@@ -123,11 +123,13 @@ class Pipeline:
         self.tokenizer_address = tokenizer_address
         self.max_failovers = max_failovers          # per engine sequence (gateway/failover.py)
         self.engine_address = engine_address
-        self._tokenizer_channel = aio_channel(tokenizer_address, tls, CHANNEL_OPTIONS)
+        spread = spreads(tokenizer_address)   # several tokenizers behind one name: calls and streams spread over them
+        self._tokenizer_channel = aio_channel(tokenizer_address, tls,
+                                              CHANNEL_OPTIONS + (SPREAD_OPTIONS if spread else []))
         self._tokenizer_health = health_pb2_grpc.HealthStub(self._tokenizer_channel)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self._tokenizer_channel)
         self.token_texts = TokenTextCache(self.tokenizer, tokenizer_address)
-        self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address)
+        self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address, SPREAD_STREAMS if spread else 1)
         self.router = EngineRouter(engine_address, router_settings, tls)  # one engine or several: see router.py
         # Disaggregated serving: prompts are computed on these and their KV caches sent to the engine decoding.
         self.prefill_router = EngineRouter(prefill_engine_address, router_settings, tls) \

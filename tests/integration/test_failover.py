@@ -1,6 +1,7 @@
 """Mid-stream failover: two engines behind one gateway, one killed (-9) while streams run on it. Every stream
 finishes as an undisturbed run does, token for token (greedy and seeded sampling), and the client sees no error.
-Runs its own stack: it kills an engine."""
+The same scaled-out stack has two tokenizers behind one target: the gateway spreads its calls and Detokenize
+streams over both. Runs its own stack: it kills an engine."""
 from __future__ import annotations
 
 import grpc
@@ -23,9 +24,11 @@ def stacks(tiny_model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("failover-logs")
     victim = Stack(model=str(tiny_model_dir), ports=Ports.free(), log_dir=logs / "victim", engine_args=ENGINE_ARGS + SLOW)
     victim.start_service("engine")
+    victim.start_service("tokenizer")
     ports = Ports.free()
     main = Stack(model=str(tiny_model_dir), ports=ports, log_dir=logs / "main", engine_args=ENGINE_ARGS,
                  engine_address=f"127.0.0.1:{ports.engine},{victim.address('engine')}",
+                 tokenizer_address=f"ipv4:127.0.0.1:{ports.tokenizer},{victim.address('tokenizer')}",
                  gateway_args=["--engine-health-interval", "0.5"])
     try:
         main.start()
@@ -44,6 +47,16 @@ def requests():
     sampled = [make_request(f"Poem {i}:", max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.95, seed=100 + i,
                             presence_penalty=0.5, ignore_eos=True) for i in range(4)]
     return greedy + sampled
+
+
+def test_calls_and_detokenize_streams_spread_over_both_tokenizers(stacks):
+    main, victim = stacks
+    with grpc.insecure_channel(main.address("gateway")) as channel:
+        stream_all(gateway_pb2_grpc.GatewayStub(channel), requests()[:8], concurrency=8)
+    for stack in (main, victim):
+        metrics = scrape(stack.ports.tokenizer_metrics)
+        assert metrics['splitserve_tokenizer_seconds_count{op="tokenize"}'] > 0
+        assert metrics['splitserve_tokenizer_seconds_count{op="detokenize"}'] > 0
 
 
 def read_tokens(call, count: int) -> list:
