@@ -125,12 +125,12 @@ async def serve_transfer(engine: Engine, request: engine_pb2.KvTransferRequest, 
                               post, request.replayed_tokens)
     seq.export = KvExport(max(0, request.skip_blocks), ours.block_size, block_bytes, post)
     engine.add_sequence(seq)
-    started, sent, done = time.perf_counter(), 0, False
+    started, done = time.perf_counter(), False
     try:
         while True:
             item = await items.get()
             if isinstance(item, engine_pb2.KvTransferChunk):
-                sent += len(item.payload)
+                metrics.KV_TRANSFER_BYTES.labels(direction="sent").inc(len(item.payload))
                 metrics.KV_TRANSFER_BLOCKS.labels(direction="sent").inc(item.num_blocks)
                 yield item
                 continue
@@ -141,7 +141,6 @@ async def serve_transfer(engine: Engine, request: engine_pb2.KvTransferRequest, 
             last = engine_pb2.KvTransferChunk(done=True, first_token_id=item.token_ids[0])
             if item.logprobs:
                 last.first_logprobs.CopyFrom(logprobs_to_proto(item.logprobs[0]))
-            metrics.KV_TRANSFER_BYTES.labels(direction="sent").inc(sent)
             metrics.KV_TRANSFER_SECONDS.labels(direction="sent").observe(time.perf_counter() - started)
             yield last
             return
