@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from common.disaggregation import PREFILL_UNAVAILABLE
 from common.security import TlsFiles
 from engine_service.engine import Engine, EngineFullError
-from common.disaggregation import PREFILL_UNAVAILABLE
 from engine_service.kv_transfer import PrefillPeers, TransferError, serve_transfer
 from engine_service.sampling import SamplingParams
 from engine_service.streams import OutputStreams, ended_early
@@ -48,6 +48,12 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
     )   # n is the gateway's: it sends one sequence per completion
 
 
+async def _check_request_id(request_id: str, context: grpc.aio.ServicerContext) -> None:
+    if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request_id is required, at most {MAX_REQUEST_ID_CHARS} characters")
+
+
 class EngineServicer(engine_pb2_grpc.EngineServicer):
     def __init__(self, engine: Engine, decode_lease_seconds: float, role: str = "both",
                  peer_tls: TlsFiles | None = None) -> None:
@@ -63,9 +69,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                       ) -> engine_pb2.PrefillResponse:
         request_id = request.request_id
         await self._refuse_role("prefill", context)
-        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request_id is required, at most {MAX_REQUEST_ID_CHARS} characters")
+        await _check_request_id(request_id, context)
         if request_id in self.streams.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
         stream, on_output = self.streams.open(request_id)
@@ -114,6 +118,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
     async def TransferKV(self, request: engine_pb2.KvTransferRequest, context: grpc.aio.ServicerContext
                          ) -> AsyncIterator[engine_pb2.KvTransferChunk]:
         await self._refuse_role("decode", context)
+        await _check_request_id(request.request_id, context)
         try:
             params = sampling_from_proto(request.sampling)
             async for chunk in serve_transfer(self.engine, request, params, context):

@@ -144,3 +144,29 @@ def test_beam_search_equals_generate(smollm2_gateway, smollm2_model, tokenizer, 
     for result, prompt in zip(got, prompts):
         ids = prompt_ids(tokenizer, prompt)
         assert result.token_ids == reference_greedy(smollm2_model, ids, MAX_TOKENS, num_beams=num_beams)
+
+
+def test_greedy_through_a_prefill_engine_equals_generate(smollm2_stack, greedy_results, tmp_path):
+    """Disaggregated serving on the real weights: a prefill engine (fp32, as the stack's) computes every prompt and
+    sends its KV cache to the stack's engine, which decodes; a second gateway sends the requests that way, 8 at a
+    time. The tokens are those of the colocated run, which equal generate's (above)."""
+    from common.stack import Ports
+    from tests.helpers import start_extra_gateway
+    from tests.integration.test_lifecycle import scrape
+
+    prefill = Stack(model="smollm2", ports=Ports.free(), log_dir=tmp_path / "prefill",
+                    engine_args=["--role", "prefill", "--compact-decode-weights", "false", "--kv-cache-gb", "0.25"])
+    prefill.start_service("engine")
+    extra = None
+    try:
+        extra = start_extra_gateway(smollm2_stack, tmp_path / "gateway",
+                                    ["--prefill-engine-address", prefill.address("engine")])
+        with grpc.insecure_channel(extra.address("gateway")) as channel:
+            got = greedy_batch(gateway_pb2_grpc.GatewayStub(channel), ALL_PROMPTS, MAX_TOKENS)
+        assert [g.token_ids for g in got] == [g.token_ids for g in greedy_results]
+        sent = scrape(prefill.ports.engine_metrics)['splitserve_engine_kv_transfer_blocks_total{direction="sent"}']
+        assert sent >= len(ALL_PROMPTS)      # every prompt's KV cache came from the prefill engine
+    finally:
+        if extra is not None:
+            extra.stop()
+        prefill.stop()
