@@ -9,6 +9,7 @@ from common.logs import kv
 from common.security import ApiKeys, TlsFiles, is_loopback
 from common.server import run_service, run_until_signal, start_grpc_server
 from gateway.admission import Admission
+from gateway.client_limit import ClientLimit
 from gateway.openai.server import OpenAIServer
 from gateway.pipeline import Pipeline
 from gateway.readiness import Readiness
@@ -47,6 +48,8 @@ class GatewayConfig:
         "help": "engine sequences served at once, both APIs (a request with n completions counts n)"})
     max_waiting_requests: int = field(default=1024, metadata={
         "help": "requests queued for a slot; past that RESOURCE_EXHAUSTED / HTTP 429 at once"})
+    max_requests_per_client: int = field(default=0, metadata={
+        "help": "requests one client (its API key, else its address) may have open at once; 0: no cap"})
     request_timeout_seconds: float = field(default=600.0, metadata={
         "help": "deadline of every request (a gRPC client's shorter deadline wins); 0: none"})
     max_prompt_chars: int = field(default=1_000_000, metadata={"help": "characters of prompt or messages at most"})
@@ -105,8 +108,8 @@ async def serve(config: GatewayConfig) -> None:
                     max_output_tokens=config.max_output_tokens, max_messages=config.max_messages,
                     max_stop_token_ids=config.max_stop_token_ids, max_output_budget=config.max_output_budget)
     gateway = FrontDoor(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
-                             config.request_timeout_seconds or None)
-    servicer = GatewayServicer(gateway, config.stream_write_timeout_seconds)
+                        config.request_timeout_seconds or None, ClientLimit(config.max_requests_per_client))
+    servicer = GatewayServicer(gateway, config.stream_write_timeout_seconds, keyed=bool(config.keys))
     service = await start_grpc_server(
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
         ["splitserve.v1.Gateway"], config.host, config.port, config.metrics_port, config.max_message_bytes,

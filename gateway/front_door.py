@@ -14,6 +14,7 @@ import grpc
 from common.logs import kv
 from gateway import metrics
 from gateway.admission import Admission
+from gateway.client_limit import ClientLimit
 from gateway.errors import GatewayError
 from gateway.pipeline import Chunk, Pipeline
 from gateway.validation import Limits, validate
@@ -24,10 +25,11 @@ log = logging.getLogger("splitserve.gateway")
 
 class FrontDoor:
     def __init__(self, pipeline: Pipeline, limits: Limits, admission: Admission,
-                 request_timeout: float | None = None) -> None:
+                 request_timeout: float | None = None, client_limit: ClientLimit | None = None) -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.admission = admission
+        self.client_limit = client_limit or ClientLimit()
         self.request_timeout = request_timeout   # seconds; a client's own shorter deadline wins
         self.in_flight: set[str] = set()
 
@@ -42,8 +44,10 @@ class FrontDoor:
     async def model_info(self) -> common_pb2.ModelInfo:
         return await self.pipeline.model_info()
 
-    async def generate(self, request: gateway_pb2.GenerateRequest, deadline: float | None) -> AsyncIterator[Chunk]:
-        """Yields the pipeline's chunks; raises GatewayError (a bug becomes INTERNAL). `deadline`: time.monotonic()."""
+    async def generate(self, request: gateway_pb2.GenerateRequest, deadline: float | None, client: str = ""
+                       ) -> AsyncIterator[Chunk]:
+        """Yields the pipeline's chunks; raises GatewayError (a bug becomes INTERNAL). `deadline`: time.monotonic();
+        `client`: who sent it (client_limit.client_of), for the per-client cap."""
         if self.request_timeout:
             limit = time.monotonic() + self.request_timeout
             deadline = limit if deadline is None else min(deadline, limit)
@@ -57,12 +61,13 @@ class FrontDoor:
                                    f"request_id {valid.request_id!r} is already in flight")
             request_id = valid.request_id
             self.in_flight.add(request_id)
-            async with self.admission.slot(deadline, weight=valid.sequences):   # one slot per engine sequence
-                async with aclosing(self.pipeline.generate(valid, deadline)) as chunks:
-                    async for chunk in chunks:
-                        if chunk.finish_reason:
-                            finish_reason = chunk.finish_reason
-                        yield chunk
+            with self.client_limit.hold(client):
+                async with self.admission.slot(deadline, weight=valid.sequences):   # one slot per engine sequence
+                    async with aclosing(self.pipeline.generate(valid, deadline)) as chunks:
+                        async for chunk in chunks:
+                            if chunk.finish_reason:
+                                finish_reason = chunk.finish_reason
+                            yield chunk
         except GatewayError as exc:
             code = exc.code
             log.info("request failed %s", kv(request_id=request_id, code=code.name, message=exc.message))

@@ -6,6 +6,7 @@ from contextlib import aclosing
 
 import grpc
 
+from gateway.client_limit import client_of
 from gateway.errors import GatewayError
 from gateway.front_door import FrontDoor
 from gateway.writes import StalledClient, write_bounded
@@ -13,15 +14,19 @@ from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, service: FrontDoor, write_timeout: float = 30.0) -> None:
+    def __init__(self, service: FrontDoor, write_timeout: float = 30.0, keyed: bool = False) -> None:
         self.service = service
         self.write_timeout = write_timeout
+        self.keyed = keyed     # API keys are required: a client is its key, not its address
 
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
+        authorization = next((value for key, value in context.invocation_metadata() or () if key == "authorization"),
+                             None)
+        client = client_of(authorization, context.peer(), self.keyed)
         try:
-            async with aclosing(self.service.generate(request, deadline)) as chunks:
+            async with aclosing(self.service.generate(request, deadline, client)) as chunks:
                 async for chunk in chunks:
                     response = gateway_pb2.GenerateResponse(request_id=request.request_id, text=chunk.text,
                                                             token_ids=chunk.token_ids,

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from common.logs import clip
 from common.security import ApiKeys
+from gateway.client_limit import client_of
 from gateway.errors import GatewayError
 from gateway.front_door import FrontDoor
 from gateway.http_guard import guard
@@ -53,6 +54,7 @@ class OpenAIServer:
                  ssl_context: ssl.SSLContext | None = None, ready: Callable[[], bool] = lambda: True,
                  write_timeout: float = 30.0) -> None:
         self.service = service
+        self.keyed = bool(api_keys)    # a client is its key when keys are required, else its address
         self.served_model_name = served_model_name
         self.created = int(time.time())
         self.ssl_context = ssl_context
@@ -130,7 +132,8 @@ class OpenAIServer:
         reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", model,
                       logprobs=generate.sampling.HasField("logprobs"))
         headers = {"X-Request-Id": request_id}
-        async with aclosing(self.service.generate(generate, None)) as chunks:
+        client = client_of(request.headers.get("Authorization"), request.remote, self.keyed)
+        async with aclosing(self.service.generate(generate, None, client)) as chunks:
             if not stream:
                 async for chunk in chunks:
                     reply.add(chunk)

@@ -80,12 +80,14 @@ def test_a_shared_prefix_transfers_only_the_new_blocks(stacks, gateway, tiny_mod
     assert shared >= 1000
     stream(gateway, make_request(first, max_tokens=2, temperature=0.0))
     received_before, skipped_before = transferred(main, "received")
-    got = stream(gateway, make_request(second, max_tokens=MAX_TOKENS, temperature=0.0))
+    got = stream(gateway, make_request(second, max_tokens=MAX_TOKENS, temperature=0.0, logprobs=2))
     received, skipped = transferred(main, "received")
     held = min(shared // 16, (len(second_ids) - 1) // 16)     # full blocks of the shared prefix (block size 16)
     assert skipped - skipped_before == held
     assert received - received_before == -(-len(second_ids) // 16) - held
     assert got.token_ids == reference_greedy(tiny_model, second_ids, MAX_TOKENS)
+    logprobs = [lp for chunk in got.chunks for lp in chunk.logprobs]   # the first one computed by the prefill engine
+    assert [lp.token_id for lp in logprobs] == got.token_ids and all(len(lp.top) == 2 for lp in logprobs)
 
 
 def test_engines_with_other_layouts_or_roles_are_refused(stacks, tokenizer):

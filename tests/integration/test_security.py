@@ -121,6 +121,50 @@ def test_the_start_up_log_never_prints_the_key(keyed):
     assert "api_key=<set>" in log and KEY not in log
 
 
+def test_one_key_cannot_hold_more_than_its_share_of_requests(tiny_stack, tmp_path_factory):
+    """--max-requests-per-client 2: a key's third open request is refused (gRPC RESOURCE_EXHAUSTED, HTTP 429), another
+    key is served meanwhile, and the key gets its slot back once one of its streams ends."""
+    folder = tmp_path_factory.mktemp("capped")
+    key_file = folder / "keys"
+    key_file.write_text(f"{OTHER_KEY}\n")
+    capped = start_extra_gateway(tiny_stack, folder / "logs", ["--api-key", KEY, "--api-key-file", str(key_file),
+                                                               "--max-requests-per-client", "2",
+                                                               "--stream-write-timeout-seconds", "600"])
+    mine, other = [("authorization", f"Bearer {KEY}")], [("authorization", f"Bearer {OTHER_KEY}")]
+    # The two held streams are never read on a connection with a tiny receive window: they stay open however fast
+    # the machine is (the write timeout is long), so the cap is reached for as long as the test needs.
+    stalled_channel = grpc.insecure_channel(capped.address("gateway"), options=[
+        ("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
+    try:
+        long = make_request("a very long story:", max_tokens=1900, n=16, temperature=1.0, ignore_eos=True)
+        held = [gateway_pb2_grpc.GatewayStub(stalled_channel).Generate(long, metadata=mine) for _ in range(2)]
+        for call in held:
+            next(call)                      # both are running: each counts against its key
+        with grpc.insecure_channel(capped.address("gateway")) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            error = rpc_error(lambda: list(stub.Generate(make_request("hi", max_tokens=2), timeout=60, metadata=mine)))
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-requests-per-client" in error.details()
+            body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+            status, reply = http(capped.ports.gateway_http, "/v1/completions", body,
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+            assert status == 429 and "requests open" in reply["error"]["message"]
+            served = list(stub.Generate(make_request("hi", max_tokens=2), timeout=60, metadata=other))
+            assert served[-1].finish_reason == "length"
+            held[0].cancel()
+
+            def my_request_is_served() -> bool:
+                try:
+                    return bool(list(stub.Generate(make_request("hi", max_tokens=2), timeout=60, metadata=mine)))
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    return False
+            assert wait_until(my_request_is_served, 60)
+            held[1].cancel()
+    finally:
+        stalled_channel.close()
+        capped.stop()
+
+
 # ---- cross-site posts and body size ---------------------------------------------------------------------------
 
 def test_a_post_that_is_not_json_is_refused_415(tiny_stack):

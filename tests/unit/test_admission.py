@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from gateway.admission import Admission
+from gateway.client_limit import ClientLimit, client_of, host_of
 from gateway.errors import GatewayError
 
 
@@ -91,3 +92,30 @@ def test_a_large_waiter_that_times_out_lets_the_smaller_ones_behind_it_in():
         assert admission.running == 0 and admission.waiting == 0
 
     run(scenario())
+
+
+def test_a_client_is_its_key_when_keys_are_required_else_its_host():
+    assert host_of("ipv4:10.1.2.3:5678") == "10.1.2.3" and host_of("ipv6:[::1]:5678") == "::1"
+    assert host_of("10.1.2.3") == "10.1.2.3" and host_of("") == "unknown"
+    # the same machine on two connections is one client; the key, when required, wins over the address
+    assert client_of(None, "ipv4:10.1.2.3:1", keyed=False) == client_of(None, "ipv4:10.1.2.3:2", keyed=False)
+    a = client_of("Bearer sk-a", "ipv4:10.1.2.3:1", keyed=True)
+    assert a == client_of("bearer sk-a", "10.9.9.9", keyed=True) != client_of("Bearer sk-b", "ipv4:10.1.2.3:1", True)
+    assert a.startswith("key:") and "sk-a" not in a          # a digest, never the key
+    assert client_of("Bearer sk-a", "10.1.2.3", keyed=False) == "addr:10.1.2.3"
+
+
+def test_the_per_client_cap_refuses_the_extra_request_and_gives_the_slot_back():
+    limit = ClientLimit(2)
+    with limit.hold("a"), limit.hold("a"):
+        with pytest.raises(GatewayError) as info, limit.hold("a"):
+            pass
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with limit.hold("b"):
+            assert limit.open == {"a": 2, "b": 1}
+    assert not limit.open
+    with limit.hold("a"):
+        pass
+    unlimited = ClientLimit(0)
+    with unlimited.hold("a"), unlimited.hold("a"), unlimited.hold("a"):
+        assert not unlimited.open
