@@ -7,8 +7,10 @@ CPU, one thread each, 2026-11-27; JSON schemas from 2 to 60 properties, with arr
   0.12-0.17 ms one after the other, llguidance 0.7-4.6 ms with its parallel fill. This runs inside every
   batched step, so it decides.
 - compiling a schema: xgrammar 2-44 ms cold (about 0.5 s more for the first compile, which builds the vocabulary's
-  tables), llguidance 1.3-5 ms; both well under a millisecond from a cache. Compiles run off the step loop here and
-  are cached, so the slower cold compile costs a request's time to first token, never the batch's.
+  tables; 2-20 s for 20-100 string properties with `pattern`s), llguidance 1.3-5 ms; both well under a
+  millisecond from a cache. Compiles run off the step loop here and are cached, so the slower cold compile costs a
+  request's time to first token, never the batch's.
+- xgrammar pulls in triton (1 GB) for its CUDA kernels; the CPU image installs it without (deploy/Dockerfile).
 - both roll back accepted tokens (speculative drafts), both copy a matcher (xgrammar `fork`: n > 1 beams), both
   allow the stop tokens only where the grammar may end. xgrammar reads EBNF (GBNF-like, root rule `root`).
 Applying a mask (xgrammar's kernel, also on CUDA): ~0.16 ms per step at 1 row, ~3.2 ms at 16 rows on this CPU.
@@ -141,12 +143,15 @@ class Grammars:
 
 
 class Matcher:
-    """A sequence's grammar state: where its tokens so far leave the constraint. Used by the step loop only."""
+    """A sequence's grammar state: where its tokens so far leave the constraint. Made where the request is queued,
+    then used by the step loop only."""
     live = 0        # matchers not yet closed, over the whole engine (a gauge: they come back when sequences end)
+    _live_lock = threading.Lock()   # made on the servicer's thread, closed on the step loop's
 
     def __init__(self, matcher: xgr.GrammarMatcher) -> None:
         self._matcher = matcher
-        Matcher.live += 1
+        with Matcher._live_lock:
+            Matcher.live += 1
 
     def accept(self, token: int) -> bool:
         """Advances by one token; False (and unchanged) when the grammar refuses it."""
@@ -175,7 +180,8 @@ class Matcher:
         return Matcher(self._matcher.fork())
 
     def close(self) -> None:
-        Matcher.live -= 1
+        with Matcher._live_lock:
+            Matcher.live -= 1
         self._matcher = None
 
 
