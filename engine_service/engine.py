@@ -206,11 +206,16 @@ class Engine:
                        "prefill_seconds": self._now - seq.first_scheduled_time}
         reason = seq.stop_reason(self.model_spec.eos_token_ids, self.model_spec.max_context_length)
         if seq.matcher is not None:
-            if not seq.matcher.accept(token):   # the mask allows only what it accepts: a bug, never the user's
+            if seq.matcher.accept(token):
+                if seq.matcher.terminated:      # a stop token where the grammar may end (even with ignore_eos)
+                    reason = "stop"
+            elif token in self.model_spec.eos_token_ids and seq.matcher.dead_end:
+                # The grammar goes on only with characters no token holds: the mask let the sequence end here.
+                log.warning("constraint cannot be continued in this vocabulary %s", kv(request_id=seq.request_id))
+                reason = "stop"
+            else:   # the mask allows only what the grammar accepts: a bug, never the user's
                 log.error("constrained token refused by its grammar %s", kv(request_id=seq.request_id, token=token))
                 reason = "error"
-            elif seq.matcher.terminated:        # a stop token where the grammar may end (even with ignore_eos)
-                reason = "stop"
         output = SequenceOutput([token], reason, [logprobs] if logprobs is not None else [], **timings)
         if reason:
             self.finish(seq, reason, output)

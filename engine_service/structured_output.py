@@ -103,7 +103,7 @@ class Grammars:
         return await asyncio.shield(pending)
 
     def matcher(self, compiled: CompiledGrammar) -> Matcher:
-        return Matcher(xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids))
+        return Matcher(xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids), self.vocab_size)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -136,10 +136,16 @@ class Grammars:
             else:
                 compiled = compiler.compile_grammar(value)
         except Exception as exc:   # the library raises RuntimeError (and a few others) for what it cannot read
-            field = "choice.choices" if kind == "choice" else kind
-            raise ConstraintError(f"structured_output.{field}: {_reason(exc)}") from None
+            raise ConstraintError(f"structured_output.{_field(kind)}: {_reason(exc)}") from None
         metrics.STRUCTURED_COMPILE_SECONDS.observe(time.perf_counter() - started)
+        if self.matcher(compiled).close_at_dead_end():
+            raise ConstraintError(f"structured_output.{_field(kind)}: this model's vocabulary cannot write the text "
+                                  f"it starts with (a character no token holds)")
         return compiled
+
+
+def _field(kind: str) -> str:
+    return "choice.choices" if kind == "choice" else kind
 
 
 class Matcher:
@@ -148,8 +154,9 @@ class Matcher:
     live = 0        # matchers not yet closed, over the whole engine (a gauge: they come back when sequences end)
     _live_lock = threading.Lock()   # made on the servicer's thread, closed on the step loop's
 
-    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, vocab_size: int) -> None:
         self._matcher = matcher
+        self._vocab_size = vocab_size
         with Matcher._live_lock:
             Matcher.live += 1
 
@@ -165,7 +172,8 @@ class Matcher:
     def fill(self, bitmask: torch.Tensor, row: int, ahead: list[int]) -> None:
         """Writes into bitmask[row] the tokens allowed after `ahead` (draft tokens not yet accepted), leaving the
         state as it was. Past a draft the grammar refuses, the mask is the one after the drafts it accepts (that
-        row's token is never kept: its draft was not)."""
+        row's token is never kept: its draft was not). At a dead end (the grammar goes on only with characters
+        no token of this vocabulary holds) the stop tokens are allowed: the sequence ends there."""
         accepted = 0
         for token in ahead:
             if self._matcher.is_terminated() or not self._matcher.accept_token(token):
@@ -174,10 +182,27 @@ class Matcher:
         self._matcher.fill_next_token_bitmask(bitmask, row)
         if accepted:
             self._matcher.rollback(accepted)
+        if not bool(bitmask[row].any()):
+            for token in self._matcher.stop_token_ids:
+                bit = 1 << (token % 32)
+                bitmask[row, token // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit   # int32 words
+
+    @property
+    def dead_end(self) -> bool:
+        """No token continues the text from here (and the grammar may not end here)."""
+        bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)
+        self._matcher.fill_next_token_bitmask(bitmask, 0)
+        return not bool(bitmask.any())
+
+    def close_at_dead_end(self) -> bool:
+        """Closes the matcher; whether it was at a dead end (a compile's check of the start)."""
+        stuck = self.dead_end
+        self.close()
+        return stuck
 
     def fork(self) -> Matcher:
         """An independent copy of the state (a beam that branches)."""
-        return Matcher(self._matcher.fork())
+        return Matcher(self._matcher.fork(), self._vocab_size)
 
     def close(self) -> None:
         with Matcher._live_lock:

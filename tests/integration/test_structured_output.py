@@ -151,6 +151,9 @@ BAD = {
     "grammar that does not parse": (common_pb2.StructuredOutput(grammar='root ::= "a" missing_rule'),
                                     "structured_output.grammar"),
     "no kind set": (common_pb2.StructuredOutput(), "structured_output"),
+    # SmolLM2's byte-level vocabulary has no token for the byte 0xF1 that starts this character.
+    "a first character no token holds": (common_pb2.StructuredOutput(regex="\U00040000"),
+                                         "structured_output.regex"),
     "over-size schema": (common_pb2.StructuredOutput(json_schema=" " * (MAX_STRUCTURED_TEXT_CHARS + 1)),
                          "structured_output.json_schema"),
     "too many choices": (common_pb2.StructuredOutput(choice=common_pb2.ChoiceList(
@@ -172,6 +175,15 @@ def test_bad_constraints_are_invalid_argument_naming_the_field(gateway, engine, 
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.details(), error.details()
     # ... and both serve the next request.
     assert_finished_valid("choice", stream(gateway, constrained("choice")))
+
+
+def test_a_dead_end_mid_way_ends_the_output_there(gateway):
+    """After "ok " the regex goes on only with a character no token holds: the output stops there instead of
+    failing or running to max_tokens."""
+    for params in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 5}):
+        got = stream(gateway, make_request(PROMPT, max_tokens=20, structured_output=common_pb2.StructuredOutput(
+            regex="ok \U00040000"), **params))
+        assert (got.text, got.last.finish_reason) == ("ok ", "stop")
 
 
 def large_schema() -> str:
