@@ -115,6 +115,11 @@ def test_prompt_lookup_speculation_gives_the_same_output(gateway):
                                            num_speculative_tokens=4))
         assert fast.token_ids == plain.token_ids
         assert_finished_valid(kind, fast)
+    # Sampled: the acceptance rule works on the masked distributions, so every output is still valid.
+    sampled = stream_all(gateway, [constrained(kind, prompt, temperature=1.0, seed=seed, speculative="prompt_lookup")
+                                   for kind in KINDS for seed in (1, 2)], concurrency=8)
+    for kind, got in zip([kind for kind in KINDS for _ in (1, 2)], sampled):
+        assert_finished_valid(kind, got)
 
 
 def test_n_completions_and_beams_each_follow_the_constraint(gateway):
