@@ -218,6 +218,8 @@ def test_a_slow_compile_does_not_stall_running_streams(gateway, tiny_stack):
     received = [len(next(running).token_ids)]
     threading.Thread(target=drain, args=(running, received), daemon=True).start()
     compiled_before = scrape(port).get("splitserve_engine_structured_compile_seconds_count", 0.0)
+    schema_requests = 'splitserve_engine_structured_requests_total{kind="json_schema"}'
+    asked_before = scrape(port).get(schema_requests, 0.0)
     slow = gateway.Generate(make_request(PROMPT, max_tokens=4, structured_output=common_pb2.StructuredOutput(
         json_schema=large_schema())), timeout=300)
     slow_done = threading.Event()
@@ -226,12 +228,12 @@ def test_a_slow_compile_does_not_stall_running_streams(gateway, tiny_stack):
         def compiling() -> bool:
             return scrape(port).get("splitserve_engine_structured_compile_seconds_count", 0.0) == compiled_before
 
-        assert wait_until(lambda: scrape(port).get("splitserve_engine_structured_requests_total"
-                                                   '{kind="json_schema"}', 0) > 0, timeout=60)
+        # The engine has the request: its compile has started (and not ended while the histogram has not grown).
+        assert wait_until(lambda: scrape(port).get(schema_requests, 0.0) > asked_before, timeout=60)
         at_start = sum(received)
         # Tokens keep coming while the compile is still in progress.
         assert wait_until(lambda: sum(received) >= at_start + 3 or not compiling(), timeout=120)
-        assert compiling(), "the compile ended before the stream was seen to progress: make the schema larger"
+        assert compiling(), "the stream made no progress while the schema compiled (or the compile was too quick to see it)"
         assert sum(received) >= at_start + 3
     finally:
         running.cancel()
