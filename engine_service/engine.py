@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
+from dataclasses import replace
 
 import torch
 
@@ -27,6 +28,7 @@ from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import EngineStats, ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
+from engine_service.structured_output import CompiledGrammar, Grammars, Matcher
 
 __all__ = ["Engine", "EngineFullError", "EngineStats", "RequestError"]
 log = logging.getLogger("splitserve.engine")
@@ -50,6 +52,7 @@ class Engine:
         self.draft_layers = max(0, min(num_layers // 4 if draft_layers < 0 else draft_layers, num_layers - 1))
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens, runner.cache.scratch_slots)
         self.sampler = Sampler(runner.device)
+        self.grammars = Grammars(runner.model_path, self.model_spec.vocab_size, self.model_spec.eos_token_ids)
         # The Step's plain parts (engine_service.decoding.base) are the runner's and the block manager's own.
         self.forward, self.fork, self.free = runner.forward, runner.fork, self.scheduler.blocks.free
         self.guesses_verified = 0           # guessed tokens that speculative and lookahead steps verified
@@ -69,23 +72,31 @@ class Engine:
         self._stop.set()
         self._inbox.wake()
         self._thread.join(timeout=10)
+        self.grammars.shutdown()
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    on_output: OutputCallback, num_replayed: int = 0) -> Sequence:
+                    on_output: OutputCallback, num_replayed: int = 0,
+                    grammar: CompiledGrammar | None = None) -> Sequence:
         """Queues a sequence; on_output is called from the loop thread with each new token and the finish.
         num_replayed: the prompt's last tokens were generated for this request elsewhere (a failover's replay).
-        The returned sequence belongs to the loop thread: read it only once it finished."""
-        seq = self.new_sequence(request_id, prompt_ids, params, on_output, num_replayed)
+        A request with a structured_output constraint brings it compiled (`grammars.compile`, awaited off the
+        step loop). The returned sequence belongs to the loop thread: read it only once it finished."""
+        seq = self.new_sequence(request_id, prompt_ids, params, on_output, num_replayed, grammar)
         self.add_sequence(seq)
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
         """Queues a sequence made by new_sequence. Raises EngineFullError."""
-        self._inbox.add(seq, len(self.scheduler.waiting))
+        try:
+            self._inbox.add(seq, len(self.scheduler.waiting))
+        except EngineFullError:
+            _close_matchers([seq])
+            raise
 
     def new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     on_output: OutputCallback, num_replayed: int = 0) -> Sequence:
-        """A checked sequence with its decoding strategy, not yet queued. Raises RequestError."""
+                     on_output: OutputCallback, num_replayed: int = 0,
+                     grammar: CompiledGrammar | None = None) -> Sequence:
+        """A checked sequence with its decoding strategy and constraint, not yet queued. Raises RequestError."""
         params.validate()
         if params.num_beams > self.scheduler.max_num_seqs:   # its beams could never all run at once
             raise RequestError(f"num_beams {params.num_beams} is more than this engine runs at once "
@@ -101,6 +112,14 @@ class Engine:
             seq.strategy = make_strategy(seq, spec.max_context_length, self.draft_layers, spec.eos_token_ids)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
+        if params.structured_output is not None:
+            if grammar is None:
+                raise RequestError("structured_output must be compiled before the request is queued")
+            seq.matcher = self.grammars.matcher(grammar)
+            # a failover's replay: the tokens generated before were accepted by the same constraint
+            if num_replayed and not all(seq.matcher.accept(t) for t in seq.prompt_ids[-num_replayed:]):
+                _close_matchers([seq])
+                raise RequestError("replayed_tokens do not satisfy the request's structured_output constraint")
         return seq
 
     # -- disaggregated serving: a decode engine receiving a prompt's KV cache (engine_service.kv_transfer) -------
@@ -174,7 +193,7 @@ class Engine:
         self._inbox.abort(request_id)
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        return replace(self.scheduler.stats(), matchers=Matcher.live)
 
     # -- the loop thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -196,6 +215,7 @@ class Engine:
             if command == "add":
                 assert isinstance(payload, Sequence)
                 if payload.request_id in self._live:
+                    _close_matchers([payload])
                     payload.on_output(SequenceOutput([], "abort"))
                     log.warning("duplicate request id %s", kv(request_id=payload.request_id))
                     continue
@@ -267,6 +287,7 @@ class Engine:
             return
         if seq.export is not None and reason in ("stop", "length"):   # the rest, before the blocks are freed
             seq.export.computed(seq, self.runner.cache, final=True)
+        _close_matchers([seq, *seq.strategy.members(seq)])
         self.scheduler.finish(seq, reason)
         self._live.pop(seq.request_id, None)
         metrics.REQUESTS_FINISHED.labels(finish_reason=reason).inc()
@@ -280,6 +301,17 @@ class Engine:
             timings = {"queue_seconds": seq.first_scheduled_time - seq.arrival_time,
                        "prefill_seconds": self._now - seq.first_scheduled_time}
         reason = seq.stop_reason(self.model_spec.eos_token_ids, self.model_spec.max_context_length)
+        if seq.matcher is not None:
+            if seq.matcher.accept(token):
+                if seq.matcher.terminated:      # a stop token where the grammar may end (even with ignore_eos)
+                    reason = "stop"
+            elif token in self.model_spec.eos_token_ids and seq.matcher.dead_end:
+                # The grammar goes on only with characters no token holds: the mask let the sequence end here.
+                log.warning("constraint cannot be continued in this vocabulary %s", kv(request_id=seq.request_id))
+                reason = "stop"
+            else:   # the mask allows only what the grammar accepts: a bug, never the user's
+                log.error("constrained token refused by its grammar %s", kv(request_id=seq.request_id, token=token))
+                reason = "error"
         output = SequenceOutput([token], reason, [logprobs] if logprobs is not None else [], **timings)
         if reason:
             self.finish(seq, reason, output)
@@ -291,6 +323,13 @@ class Engine:
                     self.scheduler.prefix_hit_tokens, self.guesses_verified, self.guesses_accepted)
         metrics.publish(self.stats(), counters, self._reported)
         self._reported = counters
+
+
+def _close_matchers(seqs: list[Sequence]) -> None:
+    for seq in seqs:
+        if seq.matcher is not None:
+            seq.matcher.close()
+            seq.matcher = None
 
 
 def _grouped(chunks: list[ScheduledChunk], key: Callable[[ScheduledChunk], Hashable]) -> dict:

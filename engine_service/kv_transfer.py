@@ -29,6 +29,7 @@ from engine_service.kv_cache import KVCache
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence, SequenceOutput, TokenLogprobs
 from engine_service.streams import logprobs_to_proto
+from engine_service.structured_output import CompiledGrammar
 from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 MAX_CHUNK_BYTES = 4 << 20          # payload per message: well under the 16 MiB message limit (common.server)
@@ -106,7 +107,7 @@ class KvExport:
 
 
 async def serve_transfer(engine: Engine, request: engine_pb2.KvTransferRequest, params: SamplingParams,
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[engine_pb2.KvTransferChunk]:
+                         grammar: CompiledGrammar | None, context: grpc.aio.ServicerContext) -> AsyncIterator[engine_pb2.KvTransferChunk]:
     """The prefill side of TransferKV: runs the prompt for its first token and yields its blocks, then the token."""
     ours = layout_of(engine)
     if request.layout != ours:
@@ -122,7 +123,7 @@ async def serve_transfer(engine: Engine, request: engine_pb2.KvTransferRequest, 
     block_bytes = (2 * ours.num_layers * ours.num_kv_heads * ours.block_size * ours.head_dim
                    * engine.runner.cache.k[0].element_size())
     seq = engine.new_sequence(request.request_id, list(request.prompt_token_ids), replace(params, max_tokens=1),
-                              post, request.replayed_tokens)
+                              post, request.replayed_tokens, grammar)   # the first token obeys the constraint too
     seq.export = KvExport(max(0, request.skip_blocks), ours.block_size, block_bytes, post)
     engine.add_sequence(seq)
     started, done = time.perf_counter(), False

@@ -14,6 +14,7 @@ from engine_service.sampling import SamplingParams
 if TYPE_CHECKING:
     from engine_service.decoding.base import Strategy
     from engine_service.kv_transfer import KvExport
+    from engine_service.structured_output import Matcher
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Sequence:
     strategy: Strategy | None = None      # its decoding strategy (engine_service.decoding), set by the engine
     num_steps: int = 0                    # forward passes that computed this sequence (speculative bookkeeping)
     export: KvExport | None = None        # a prefill engine's: sends its blocks to a decode engine as computed
+    matcher: Matcher | None = None        # its structured-output constraint's state (engine_service.structured_output)
 
     @property
     def num_tokens(self) -> int:

@@ -14,12 +14,22 @@ from common.disaggregation import PREFILL_UNAVAILABLE
 from common.security import TlsFiles
 from engine_service.engine import Engine, EngineFullError
 from engine_service.kv_transfer import PrefillPeers, TransferError, serve_transfer
-from engine_service.sampling import SamplingParams
+from engine_service.sampling import SamplingParams, StructuredOutput
 from engine_service.streams import OutputStreams, ended_early
+from engine_service.structured_output import CompiledGrammar
 from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
 ROLES = ("both", "prefill", "decode")
 MAX_REQUEST_ID_CHARS = 256   # the gateway makes ids of 128 at most (n > 1 adds a suffix)
+
+
+def structured_from_proto(params: common_pb2.SamplingParams) -> StructuredOutput | None:
+    if not params.HasField("structured_output"):
+        return None
+    kind = params.structured_output.WhichOneof("kind")
+    value = getattr(params.structured_output, kind) if kind else None
+    return StructuredOutput(kind or "", tuple(value.choices) if kind == "choice" else value)
+
 
 def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
@@ -45,6 +55,7 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
         prompt_lookup_max_ngram=params.prompt_lookup_max_ngram,
         lookahead_window=params.lookahead_window,
         lookahead_ngram=params.lookahead_ngram,
+        structured_output=structured_from_proto(params),
     )   # n is the gateway's: it sends one sequence per completion
 
 
@@ -70,12 +81,13 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         request_id = request.request_id
         await self._refuse_role("prefill", context)
         await _check_request_id(request_id, context)
+        params, grammar = await self._checked_params(request.sampling, context)
         if request_id in self.streams.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
         stream, on_output = self.streams.open(request_id)
         try:
-            seq = self.engine.new_sequence(request_id, list(request.prompt_token_ids),
-                                           sampling_from_proto(request.sampling), on_output, request.replayed_tokens)
+            seq = self.engine.new_sequence(request_id, list(request.prompt_token_ids), params, on_output,
+                                           request.replayed_tokens, grammar)
             remote = bool(request.prefill_engine_address) and self.engine.transferable(seq)
             if not remote:
                 self.engine.add_sequence(seq)
@@ -119,14 +131,28 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
                          ) -> AsyncIterator[engine_pb2.KvTransferChunk]:
         await self._refuse_role("decode", context)
         await _check_request_id(request.request_id, context)
+        params, grammar = await self._checked_params(request.sampling, context)
         try:
-            params = sampling_from_proto(request.sampling)
-            async for chunk in serve_transfer(self.engine, request, params, context):
+            async for chunk in serve_transfer(self.engine, request, params, grammar, context):
                 yield chunk
         except EngineFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _checked_params(self, sampling: common_pb2.SamplingParams, context: grpc.aio.ServicerContext
+                              ) -> tuple[SamplingParams, CompiledGrammar | None]:
+        """The request's sampling parameters, checked, and its constraint compiled: here, awaited off the step
+        loop, so that a slow compile never stalls the running sequences. INVALID_ARGUMENT when either fails."""
+        try:
+            params = sampling_from_proto(sampling)
+            params.validate()
+            grammar = None if params.structured_output is None else \
+                await self.engine.grammars.compile(params.structured_output)
+        except ValueError as exc:  # parameter validation, and structured_output.ConstraintError
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # unreachable: abort raises
+        return params, grammar
 
     async def _refuse_role(self, role: str, context: grpc.aio.ServicerContext) -> None:
         if self.role == role:

@@ -136,6 +136,16 @@ def grpc_requests(draw) -> gateway_pb2.GenerateRequest:
                                         st.lists(st.integers(-(2**31), INT32), max_size=3)))
     sampling.ignore_eos = draw(st.booleans())
     sampling.logprobs = pick(st.just(0), st.sampled_from([1, -1, INT32]))
+    if draw(st.integers(0, 3)) == 0:   # a constraint, of random text: mostly INVALID_ARGUMENT from the engine's compile
+        kind = draw(st.sampled_from(["json_schema", "regex", "grammar", "choice", "json_object"]))
+        constraint = sampling.structured_output
+        if kind == "choice":
+            constraint.choice.choices.extend(draw(st.lists(text, max_size=3)))
+        elif kind == "json_object":
+            constraint.json_object = draw(st.booleans())
+        else:
+            setattr(constraint, kind, draw(text | st.sampled_from(['{"type": "string", "maxLength": 3}', "[a-c]{2}",
+                                                                   'root ::= "x" | "y"', "a(b", "{"])))
     return request
 
 
