@@ -126,6 +126,7 @@ class Pipeline:
         self.detokenizer = SharedDetokenizer(self.tokenizer, tokenizer_address)
         self.router = EngineRouter(engine_address, router_settings, tls)  # one engine or several: see router.py
         self._model_info: common_pb2.ModelInfo | None = None
+        self._tokenizer_info: tokenizer_pb2.TokenizerInfo | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -160,6 +161,17 @@ class Pipeline:
         assert self._model_info is not None
         return self._model_info
 
+    async def tokenizer_info(self, timeout: float | None = 10.0) -> tokenizer_pb2.TokenizerInfo:
+        """The tokenizer's description (the chat template's tool support); asked once."""
+        if self._tokenizer_info is None:
+            try:
+                await wait_ready(self._tokenizer_channel, timeout)
+                self._tokenizer_info = await self.tokenizer.GetInfo(tokenizer_pb2.GetTokenizerInfoRequest(),
+                                                                    timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc, "tokenizer", self.tokenizer_address) from None
+        return self._tokenizer_info
+
     async def generate(self, request: ValidRequest, deadline: float | None) -> AsyncIterator[Chunk]:
         """Yields chunks of new text; each completion's last chunk has finish_reason and usage. Raises
         GatewayError. Closing the generator early aborts the engine sequences still running."""
@@ -189,7 +201,8 @@ class Pipeline:
         if request.prompt is not None:
             tokenize.prompt = request.prompt
         else:
-            tokenize.messages.extend(common_pb2.ChatMessage(role=r, content=c) for r, c in request.messages or [])
+            tokenize.messages.extend(request.messages or [])
+            tokenize.tools.extend(request.tools)
         try:
             await wait_ready(self._tokenizer_channel, remaining())
             prompt_ids = list((await self.tokenizer.Tokenize(tokenize, timeout=remaining())).token_ids)

@@ -178,7 +178,7 @@ def error_body(code: grpc.StatusCode, message: str, param: str | None = None) ->
 
 
 def error_response(exc: GatewayError) -> web.Response:
-    status, body = error_body(exc.code, exc.message, getattr(exc, "param", None))
+    status, body = error_body(exc.code, exc.message, exc.param)
     return web.json_response(body, status=getattr(exc, "status", status))   # a few errors name their own status
 
 
