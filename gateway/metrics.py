@@ -21,3 +21,5 @@ REQUESTS_WAITING = Gauge("splitserve_requests_waiting",
                          "Requests the gateway holds back because --max-concurrent-requests are running")
 STALLED_CLIENTS = Counter("splitserve_stalled_clients", "Streams ended because the client stopped reading "
                           "(a write waited longer than --stream-write-timeout-seconds)")
+TOOL_CALL_REQUESTS = Counter("splitserve_tool_call_requests", "Chat requests with tools, by tool_choice (auto, "
+                             "required, named)", ["tool_choice"])
