@@ -81,3 +81,39 @@ def range_error(params: StrategyFields, prefix: str = "") -> str | None:
         return (f"{prefix}lookahead_ngram must be 0 (default) or in [{LOOKAHEAD_NGRAM[0]}, {LOOKAHEAD_NGRAM[1]}], "
                 f"got {params.lookahead_ngram}")
     return None
+
+
+# Structured output (SamplingParams.structured_output): what one constraint may hold. The engine compiles it
+# off its step loop, but a compile still costs CPU time and memory in proportion to its text, so both the gateway
+# and the engine bound it.
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_STRUCTURED_TEXT_CHARS = 65_536   # a JSON schema, regex or grammar
+MAX_CHOICES = 256
+MAX_CHOICE_CHARS = 1024              # each choice
+
+
+def structured_output_error(kind: str | None, value: object, prefix: str = "") -> str | None:
+    """What is wrong with a constraint of `kind` holding `value` (a str, True for json_object, the choices'
+    strings for choice), or None. `prefix` names the field as the caller's users know it."""
+    field = f"{prefix}structured_output"
+    if kind not in STRUCTURED_KINDS:
+        return f"{field} is set but holds no constraint: set one of {', '.join(STRUCTURED_KINDS)}"
+    if kind == "json_object":
+        return None if value is True else f"{field}.json_object must be true when it is the constraint"
+    if kind == "choice":
+        choices = list(value)
+        if not choices:
+            return f"{field}.choice.choices is empty: give at least one string"
+        if len(choices) > MAX_CHOICES:
+            return f"{field}.choice.choices has {len(choices)} strings; at most {MAX_CHOICES} are allowed"
+        for i, choice in enumerate(choices):
+            if not choice:
+                return f"{field}.choice.choices[{i}] is empty"
+            if len(choice) > MAX_CHOICE_CHARS:
+                return f"{field}.choice.choices[{i}] is longer than {MAX_CHOICE_CHARS} characters"
+        return None
+    if not value:
+        return f"{field}.{kind} is empty"
+    if len(value) > MAX_STRUCTURED_TEXT_CHARS:
+        return f"{field}.{kind} has {len(value)} characters; at most {MAX_STRUCTURED_TEXT_CHARS} are allowed"
+    return None

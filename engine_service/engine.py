@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import replace
 
 import torch
 
@@ -24,6 +25,7 @@ from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import EngineStats, ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
+from engine_service.structured_output import CompiledGrammar, Grammars, Matcher
 
 __all__ = ["Engine", "EngineFullError", "EngineStats", "RequestError"]
 log = logging.getLogger("splitserve.engine")
@@ -47,6 +49,7 @@ class Engine:
         self.draft_layers = max(0, min(num_layers // 4 if draft_layers < 0 else draft_layers, num_layers - 1))
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens, runner.cache.scratch_slots)
         self.sampler = Sampler(runner.device)
+        self.grammars = Grammars(runner.model_path, self.model_spec.vocab_size, self.model_spec.eos_token_ids)
         # The Step's plain parts (engine_service.decoding.base) are the runner's and the block manager's own.
         self.forward, self.fork, self.free = runner.forward, runner.fork, self.scheduler.blocks.free
         self.guesses_verified = 0           # guessed tokens that speculative and lookahead steps verified
@@ -66,11 +69,13 @@ class Engine:
         self._stop.set()
         self._inbox.wake()
         self._thread.join(timeout=10)
+        self.grammars.shutdown()
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    on_output: OutputCallback) -> Sequence:
+                    on_output: OutputCallback, grammar: CompiledGrammar | None = None) -> Sequence:
         """Queues a sequence; on_output is called from the loop thread with each new token and the finish.
-        The returned sequence belongs to the loop thread: read it only once it finished."""
+        A request with a structured_output constraint brings it compiled (`grammars.compile`, awaited off the
+        step loop). The returned sequence belongs to the loop thread: read it only once it finished."""
         params.validate()
         if params.num_beams > self.scheduler.max_num_seqs:   # its beams could never all run at once
             raise RequestError(f"num_beams {params.num_beams} is more than this engine runs at once "
@@ -83,14 +88,22 @@ class Engine:
             seq.strategy = make_strategy(seq, spec.max_context_length, self.draft_layers, spec.eos_token_ids)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-        self._inbox.add(seq, len(self.scheduler.waiting))
+        if params.structured_output is not None:
+            if grammar is None:
+                raise RequestError("structured_output must be compiled before the request is queued")
+            seq.matcher = self.grammars.matcher(grammar)
+        try:
+            self._inbox.add(seq, len(self.scheduler.waiting))
+        except EngineFullError:
+            _close_matchers([seq])
+            raise
         return seq
 
     def abort(self, request_id: str) -> None:
         self._inbox.abort(request_id)
 
     def stats(self) -> EngineStats:
-        return self.scheduler.stats()
+        return replace(self.scheduler.stats(), matchers=Matcher.live)
 
     # -- the loop thread ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -177,6 +190,7 @@ class Engine:
     def finish(self, seq: Sequence, reason: str, output: SequenceOutput | None = None) -> None:
         if seq.status is SequenceStatus.FINISHED:
             return
+        _close_matchers([seq, *seq.strategy.members(seq)])
         self.scheduler.finish(seq, reason)
         self._live.pop(seq.request_id, None)
         metrics.REQUESTS_FINISHED.labels(finish_reason=reason).inc()
@@ -190,6 +204,12 @@ class Engine:
             timings = {"queue_seconds": seq.first_scheduled_time - seq.arrival_time,
                        "prefill_seconds": self._now - seq.first_scheduled_time}
         reason = seq.stop_reason(self.model_spec.eos_token_ids, self.model_spec.max_context_length)
+        if seq.matcher is not None:
+            if not seq.matcher.accept(token):   # the mask allows only what it accepts: a bug, never the user's
+                log.error("constrained token refused by its grammar %s", kv(request_id=seq.request_id, token=token))
+                reason = "error"
+            elif seq.matcher.terminated:        # a stop token where the grammar may end (even with ignore_eos)
+                reason = "stop"
         output = SequenceOutput([token], reason, [logprobs] if logprobs is not None else [], **timings)
         if reason:
             self.finish(seq, reason, output)
@@ -201,6 +221,13 @@ class Engine:
                     self.scheduler.prefix_hit_tokens, self.guesses_verified, self.guesses_accepted)
         metrics.publish(self.stats(), counters, self._reported)
         self._reported = counters
+
+
+def _close_matchers(seqs: list[Sequence]) -> None:
+    for seq in seqs:
+        if seq.matcher is not None:
+            seq.matcher.close()
+            seq.matcher = None
 
 
 def _grouped(chunks: list[ScheduledChunk], key: Callable[[ScheduledChunk], Hashable]) -> dict:

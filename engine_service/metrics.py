@@ -18,6 +18,21 @@ SPEC_DRAFT_TOKENS = Counter("splitserve_engine_spec_draft_tokens",
                             "Guessed tokens verified by speculative and lookahead steps")
 SPEC_ACCEPTED_TOKENS = Counter("splitserve_engine_spec_accepted_tokens",
                                "Tokens beyond the first that speculative and lookahead steps produced")
+# Masks cost tens of microseconds to milliseconds per step: finer than the latency buckets.
+MASK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+STRUCTURED_REQUESTS = Counter("splitserve_engine_structured_requests", "Requests with a structured-output constraint",
+                              ["kind"])
+STRUCTURED_COMPILE_SECONDS = Histogram("splitserve_engine_structured_compile_seconds",
+                                       "Compiling a constraint that was not in the cache (off the step loop)",
+                                       buckets=latency_buckets())
+STRUCTURED_COMPILE_CACHE_HITS = Counter("splitserve_engine_structured_compile_cache_hits",
+                                        "Constraints found already compiled")
+STRUCTURED_MASK_SECONDS = Histogram("splitserve_engine_structured_mask_seconds",
+                                    "Computing and applying the token masks of a step's constrained rows",
+                                    buckets=MASK_BUCKETS)
+STRUCTURED_MATCHERS = Gauge("splitserve_engine_structured_matchers",
+                            "Grammar matchers held by live sequences (one per constrained sequence or beam)")
+
 
 def observe_step(num_decodes: int, num_chunks: int, seconds: float) -> None:
     kind = "decode" if num_decodes == num_chunks else "prefill" if num_decodes == 0 else "mixed"
@@ -34,6 +49,7 @@ def publish(stats, counts: tuple[int, ...], reported: tuple[int, ...]) -> None:
     REQUESTS_RUNNING.set(stats.running)
     REQUESTS_WAITING.set(stats.waiting)
     KV_CACHE_USAGE.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
+    STRUCTURED_MATCHERS.set(stats.matchers)
     for counter, now, before in zip(_COUNTERS, counts, reported):
         if now > before:
             counter.inc(now - before)

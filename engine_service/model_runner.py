@@ -114,6 +114,7 @@ class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
                  prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False) -> None:
+        self.model_path = model_path   # also the tokenizer's folder (structured output's vocabulary)
         self.device = device
         self.dtype = dtype
         self.fault_token_id = fault_token_id   # fault injection for tests: a step computing this token raises

@@ -17,6 +17,7 @@ from itertools import chain
 import torch
 
 from engine_service.sequence import Sequence, TokenLogprobs
+from engine_service.structured_output import mask_rows
 
 
 @dataclass
@@ -160,13 +161,13 @@ class Sampler:
 
     def process(self, logits: torch.Tensor, seqs: list[Sequence],
                 extra_ids: list[list[int]] | None = None) -> torch.Tensor:
-        """[rows, vocab] float32 logits after each row's processors (-inf where filtered). Penalties count the
-        row's prompt and output plus extra_ids[row] (draft tokens before that row); the warpers apply to sampled
-        rows only. Rows may repeat a sequence. Never modifies `logits`; when nothing applies, returns
+        """[rows, vocab] float32 logits after each row's processors (-inf where filtered). A constrained row's
+        grammar mask comes first (after extra_ids[row]). Penalties count the row's prompt and output plus
+        extra_ids[row] (draft tokens before that row); the warpers apply to sampled rows only. Rows may repeat a sequence. Never modifies `logits`; when nothing applies, returns
         logits.float() (the caller's tensor itself if already float32: a plain greedy batch costs no copy)."""
         extra = extra_ids or [[] for _ in seqs]
         params = [seq.params for seq in seqs]
-        x = logits.float()      # every step below is out of place, so the caller's tensor stays as it was
+        x = mask_rows(logits.float(), seqs, extra)   # every step is out of place: the caller's tensor stays as it was
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         x = _on_rows(x, [i for i, p in enumerate(params) if p.repetition_penalty != 1.0],
                      lambda sub, rows: apply_repetition_penalty(

@@ -3,7 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.decoding import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, is_greedy, range_error, strategy_error
+from common.decoding import (MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS, is_greedy, range_error,
+                             strategy_error, structured_output_error)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """One constraint on the generated text; hashable: it is the key of the engine's compile cache."""
+    kind: str                             # one of common.decoding.STRUCTURED_KINDS
+    value: str | bool | tuple[str, ...]   # the schema, regex or grammar text; True (json_object); the choices
+
+    def error(self) -> str | None:
+        return structured_output_error(self.kind, self.value)
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class SamplingParams:
     prompt_lookup_max_ngram: int = 0  # 0 = default
     lookahead_window: int = 0         # 0 = default
     lookahead_ngram: int = 0          # 0 = default
+    structured_output: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +75,8 @@ class SamplingParams:
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if (problem := range_error(self) or strategy_error(self)) is not None:
+            raise ValueError(problem)
+        if self.structured_output is not None and (problem := self.structured_output.error()) is not None:
             raise ValueError(problem)
         if self.penalty_alpha > 0 and self.top_k < 2:
             raise ValueError("contrastive search (penalty_alpha > 0) needs top_k >= 2 candidates")

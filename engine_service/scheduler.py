@@ -48,6 +48,7 @@ class EngineStats:
     waiting: int
     kv_blocks_total: int
     kv_blocks_used: int
+    matchers: int = 0       # structured output's grammar matchers held (the engine fills it in)
 
 
 class Scheduler:

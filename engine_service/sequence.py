@@ -13,6 +13,7 @@ from engine_service.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from engine_service.decoding.base import Strategy
+    from engine_service.structured_output import Matcher
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Sequence:
     generator: torch.Generator | None = None
     strategy: Strategy | None = None      # its decoding strategy (engine_service.decoding), set by the engine
     num_steps: int = 0                    # forward passes that computed this sequence (speculative bookkeeping)
+    matcher: Matcher | None = None        # its structured-output constraint's state (engine_service.structured_output)
 
     @property
     def num_tokens(self) -> int:

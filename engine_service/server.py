@@ -9,13 +9,20 @@ from collections.abc import AsyncIterator
 import grpc
 
 from engine_service.engine import Engine, EngineFullError
-from engine_service.sampling import SamplingParams
+from engine_service.sampling import SamplingParams, StructuredOutput
 from engine_service.streams import OutputStreams, ended_early
 from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
-
-
 MAX_REQUEST_ID_CHARS = 256   # the gateway makes ids of 128 at most (n > 1 adds a suffix)
+
+
+def structured_from_proto(params: common_pb2.SamplingParams) -> StructuredOutput | None:
+    if not params.HasField("structured_output"):
+        return None
+    kind = params.structured_output.WhichOneof("kind")
+    value = getattr(params.structured_output, kind) if kind else None
+    return StructuredOutput(kind or "", tuple(value.choices) if kind == "choice" else value)
+
 
 def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(
@@ -41,6 +48,7 @@ def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingParams:
         prompt_lookup_max_ngram=params.prompt_lookup_max_ngram,
         lookahead_window=params.lookahead_window,
         lookahead_ngram=params.lookahead_ngram,
+        structured_output=structured_from_proto(params),
     )   # n is the gateway's: it sends one sequence per completion
 
 
@@ -58,12 +66,19 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"request_id is required, at most {MAX_REQUEST_ID_CHARS} characters")
+        try:
+            params = sampling_from_proto(request.sampling)
+            params.validate()
+            # Compiled here, awaited off the step loop: a slow compile never stalls the running sequences.
+            grammar = None if params.structured_output is None else \
+                await self.engine.grammars.compile(params.structured_output)
+        except ValueError as exc:  # parameter validation, and structured_output.ConstraintError
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request_id in self.streams.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
         stream, on_output = self.streams.open(request_id)
         try:
-            self.engine.add_request(request_id, list(request.prompt_token_ids), sampling_from_proto(request.sampling),
-                                    on_output)
+            self.engine.add_request(request_id, list(request.prompt_token_ids), params, on_output, grammar)
         except EngineFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:  # RequestError and parameter validation

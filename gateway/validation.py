@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from common.chat import CHAT_ROLES
 from common.logs import clip
-from common.decoding import MAX_LOGIT_BIAS, MAX_LOGPROBS, is_greedy, range_error, strategy_error
+from common.decoding import (MAX_LOGIT_BIAS, MAX_LOGPROBS, is_greedy, range_error, strategy_error,
+                             structured_output_error)
 from gateway.errors import invalid
 from splitserve.v1 import common_pb2, gateway_pb2
 
@@ -109,6 +110,7 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
         if not -2 <= getattr(params, name) <= 2:
             raise invalid(f"sampling.{name} must be in [-2, 2], got {getattr(params, name)}")
     _check_decoding(params)
+    _check_structured_output(params)
     if len(params.stop_token_ids) > limits.max_stop_token_ids:
         raise invalid(f"sampling.stop_token_ids has {len(params.stop_token_ids)} ids; at most "
                       f"{limits.max_stop_token_ids} are allowed")
@@ -264,3 +266,16 @@ def _check_decoding(params: common_pb2.SamplingParams) -> None:
     if (params.lookahead_window or params.lookahead_ngram) and params.speculative != "lookahead":
         raise invalid("sampling.lookahead_window and sampling.lookahead_ngram apply only with "
                       "speculative='lookahead'")
+
+
+def _check_structured_output(params: common_pb2.SamplingParams) -> None:
+    """The constraint's shape and size; whether it compiles is the engine's answer (INVALID_ARGUMENT too)."""
+    if not params.HasField("structured_output"):
+        return
+    constraint = params.structured_output
+    kind = constraint.WhichOneof("kind")
+    value = None if kind is None else constraint.choice.choices if kind == "choice" else getattr(constraint, kind)
+    if (problem := structured_output_error(kind, value, prefix="sampling.")) is not None:
+        raise invalid(problem)
+    if params.penalty_alpha > 0 or params.speculative == "lookahead":
+        raise invalid("sampling.structured_output does not combine with contrastive search or lookahead decoding")

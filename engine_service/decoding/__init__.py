@@ -15,6 +15,10 @@ from engine_service.sequence import Sequence
 def make_strategy(seq: Sequence, context: int, draft_layers: int, eos_token_ids: tuple[int, ...]) -> Strategy:
     """The strategy seq's request asks for. Raises ValueError when the engine cannot serve it."""
     params = seq.params
+    if params.structured_output is not None and (params.penalty_alpha > 0 or params.speculative == "lookahead"):
+        # Both pick among rows or candidates the grammar's state does not follow (Jacobi guesses, top-k re-ranking).
+        raise ValueError("structured_output does not combine with contrastive search or lookahead decoding; "
+                         "use plain, beam search or speculative='prompt_lookup'/'draft'")
     if params.num_beams > 1:
         return BeamGroup(seq, () if params.ignore_eos else eos_token_ids + params.stop_token_ids,
                          min(params.max_tokens, context - len(seq.prompt_ids)))

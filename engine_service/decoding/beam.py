@@ -101,18 +101,23 @@ class BeamSearch:
         generated_len = len(self.beams[0]) + 1  # all live beams have the same length: the new token included
         at_max = generated_len >= self.max_new_tokens
         stops = [at_max or token in self.eos_token_ids for token in tokens]
+        # A candidate at -inf is a token a structured-output mask forbids (fewer allowed tokens than candidates):
+        # never a hypothesis nor a beam.
+        possible = torch.isfinite(values).tolist()
 
         # Finished hypotheses: only stops among the first num_beams candidates count (the rest are spares that
         # keep num_beams beams alive when the best candidates all end).
         penalized = values / (generated_len ** self.length_penalty)
         for i in range(self.num_beams):
-            if stops[i]:
+            if stops[i] and possible[i]:
                 self.finished.append(Hypothesis(penalized[i].item(), self.beams[parents[i]] + [tokens[i]]))
         self.finished = sorted(self.finished, key=lambda h: -h.score)[:self.num_beams]  # stable: older win ties
 
         if at_max:
             return self._finish()
-        live = [i for i in range(self.num_candidates) if not stops[i]][:self.num_beams]
+        live = [i for i in range(self.num_candidates) if not stops[i] and possible[i]][:self.num_beams]
+        if not live:
+            return self._finish()
         self.beams = [self.beams[parents[i]] + [tokens[i]] for i in live]
         self.scores = values[live]
 
@@ -177,7 +182,7 @@ class BeamGroup(Strategy):
         parents = self.beams or [leader]
         if result.done:
             for beam in self.beams:
-                step.free(beam)
+                _drop(beam, step)
             self.beams = []
             step.emit(leader, self.search.best())
             if not leader.is_finished:
@@ -194,12 +199,23 @@ class BeamGroup(Strategy):
             # A request's beams share its id (the engine retries a failed step request by request).
             child = Sequence(request_id=leader.request_id, prompt_ids=leader.prompt_ids,
                              params=leader.params, on_output=leader.on_output, output_ids=list(parent.output_ids),
-                             status=SequenceStatus.RUNNING, strategy=self)
+                             status=SequenceStatus.RUNNING, strategy=self,
+                             matcher=parent.matcher.fork() if parent.matcher is not None else None)
             step.fork(parent, child)
             beams.append(child)
         for index, parent in enumerate(parents):
             if parent is not leader and index not in reused:
-                step.free(parent)
+                _drop(parent, step)
         for beam, token in zip(beams, result.tokens):
             beam.output_ids.append(token)
+            if beam.matcher is not None:
+                beam.matcher.accept(token)   # allowed by its mask: the search never keeps a -inf candidate
         self.beams = beams
+
+
+def _drop(beam: Sequence, step: Step) -> None:
+    """A beam that ends: its blocks and its grammar state go back."""
+    step.free(beam)
+    if beam.matcher is not None:
+        beam.matcher.close()
+        beam.matcher = None
