@@ -14,7 +14,7 @@ message, calls are written into the assistant's content as the JSON a forced cal
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ def template_message(role: str, content: str, tool_calls: Sequence[ToolCall] = (
     return message
 
 
-def renders_tools(render: Any) -> bool:
+def renders_tools(render: Callable[..., str]) -> bool:
     """Whether `render(messages, tools=...)` puts the tools into the prompt."""
     probe = [{"type": "function", "function": {"name": PROBE_TOOL_NAME, "description": "probe",
                                                "parameters": {"type": "object", "properties": {}}}}]

@@ -39,12 +39,11 @@ class ToolCallDelta:
     arguments: str = ""
 
     def openai(self) -> dict[str, object]:
-        function: dict[str, str] = {"arguments": self.arguments}
-        if self.name is not None:
-            function = {"name": self.name, "arguments": self.arguments}
-        body: dict[str, object] = {"index": self.index, "function": function}
+        body: dict[str, object] = {"index": self.index}
         if self.id is not None:
-            body = {"index": self.index, "id": self.id, "type": "function", "function": function}
+            body.update(id=self.id, type="function")
+        body["function"] = {"arguments": self.arguments} if self.name is None else \
+            {"name": self.name, "arguments": self.arguments}
         return body
 
 

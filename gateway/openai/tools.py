@@ -58,8 +58,7 @@ def read_tools(body: dict[str, Any]) -> tuple[list[common_pb2.Tool], dict[str, A
         if parameters is not None and not isinstance(parameters, dict):
             raise ParamError(f"tools[{i}].function.parameters", f"tools[{i}].function.parameters must be a JSON "
                                                                 f"Schema (an object), got {type_name(parameters)}")
-        if function.get("strict") is not None:
-            boolean(function, "strict")
+        boolean({f"tools[{i}].function.strict": function.get("strict")}, f"tools[{i}].function.strict")
         schemas[name] = parameters if parameters is not None else EMPTY_PARAMETERS
         tools.append(common_pb2.Tool(
             name=name, parameters="" if parameters is None else json.dumps(parameters, ensure_ascii=False),
