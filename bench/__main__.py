@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import random
 import statistics
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench import peers, report
 from bench.inprocess import inprocess_throughput
 from bench.speculative import speculative_scenario
+from bench.structured import structured_scenario
 from bench.splitserve_client import run_concurrent
 from common.config import describe, load_config
 from common.logs import setup_logging
@@ -43,6 +45,8 @@ class BenchConfig:
     speculative_max_tokens: int = field(default=128, metadata={"help": "output tokens, speculative scenario"})
     hf_continuous_batching: bool = field(default=True, metadata={"help": "run transformers' generate_batch"})
     out: str = field(default="bench/results", metadata={"help": "where latest.json and the plots go"})
+    scenario: str = field(default="", metadata={
+        "help": "run only this scenario (structured), its figures replacing its entry in latest.json"})
     log_level: str = "WARNING"
 
 
@@ -111,7 +115,10 @@ def main() -> None:
     stack = Stack(model=config.model, ports=Ports.free(), log_dir=out / "logs", engine_args=engine_args)
     print("starting splitserve...", flush=True)
     stack.start()
-    progress = tqdm(total=8 + 2 * len(levels), desc="bench", unit="step")
+    if config.scenario:
+        run_one(config, stack, texts, out)
+        return
+    progress = tqdm(total=9 + 2 * len(levels), desc="bench", unit="step")
     try:
         with grpc.insecure_channel(stack.address("gateway")) as channel:
             info = gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest())
@@ -154,6 +161,10 @@ def main() -> None:
                            "throughput_vs_hf_generate_bs1": report.ratio(ours["tokens_per_s"], bs1_tokens_per_s),
                            "throughput_vs_hf_continuous_batching": report.ratio(
                                ours["tokens_per_s"], continuous and continuous["tokens_per_s"])}}
+
+        progress.set_postfix_str("structured")
+        scenarios["structured"] = structured_scenario(stack.address("gateway"), stack.ports.engine_metrics, texts, n)
+        progress.update()
 
         # shared system prompt: prefix caching on (the default) vs off
         progress.set_postfix_str("shared prefix")
@@ -226,6 +237,26 @@ def main() -> None:
     print()
     print(report.table(results))
     print(f"wrote {out / 'latest.json'} and {', '.join(str(p) for p in plots)}")
+
+
+def run_one(config: BenchConfig, stack: Stack, texts: list[str], out: Path) -> None:
+    """One scenario alone (`--scenario`), written into latest.json in place of its previous figures."""
+    if config.scenario != "structured":
+        stack.stop()
+        raise SystemExit(f"--scenario: only 'structured' runs alone, got {config.scenario!r}")
+    try:
+        wait_gateway_ready(stack)
+        scenario = structured_scenario(stack.address("gateway"), stack.ports.engine_metrics, texts, config.max_tokens)
+    finally:
+        stack.stop()
+    scenario["measured"] = f"{datetime.date.today().isoformat()}, {machine()}"   # the rest may be older
+    path = out / "latest.json"
+    results = json.loads(path.read_text()) if path.exists() else {
+        "machine": machine(), "date": datetime.date.today().isoformat(), "model": config.model, "device": "",
+        "dtype": "", "max_tokens": config.max_tokens, "scenarios": {}}
+    results["scenarios"]["structured"] = scenario
+    report.write_json(results, path)
+    print(report.table({**results, "scenarios": {"structured": scenario}}))
 
 
 if __name__ == "__main__":

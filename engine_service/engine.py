@@ -125,6 +125,7 @@ class Engine:
             if command == "add":
                 assert isinstance(payload, Sequence)
                 if payload.request_id in self._live:
+                    _close_matchers([payload])
                     payload.on_output(SequenceOutput([], "abort"))
                     log.warning("duplicate request id %s", kv(request_id=payload.request_id))
                     continue

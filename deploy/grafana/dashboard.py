@@ -148,6 +148,30 @@ ROWS = [
               [Query(f"sum by (finish_reason) ({rate('splitserve_engine_requests_finished_total')})",
                      "{{finish_reason}}")]),
     ]),
+    Row("Structured output (constraints)", [
+        Panel("Constrained requests by kind",
+              "Requests per second that carry a structured-output constraint, by kind: json_schema, json_object, "
+              "regex, choice, grammar (splitserve_engine_structured_requests_total).",
+              [Query(f"sum by (kind) ({rate('splitserve_engine_structured_requests_total')})", "{{kind}}")],
+              unit="reqps"),
+        Panel("Constraint compile time and cache hits",
+              "p50/p95/p99 of compiling a constraint not in the cache, off the step loop: it adds to that "
+              "request's time to first token only (splitserve_engine_structured_compile_seconds); and the share "
+              "of constraints found compiled (splitserve_engine_structured_compile_cache_hits_total).",
+              quantiles("splitserve_engine_structured_compile_seconds") +
+              [Query(f"sum({rate('splitserve_engine_structured_compile_cache_hits_total')}) / clamp_min("
+                     f"sum({rate('splitserve_engine_structured_compile_cache_hits_total')}) + "
+                     f"sum({rate('splitserve_engine_structured_compile_seconds_count')}), 1e-9)",
+                     "cache hit rate (0-1)")], unit="s"),
+        Panel("Mask cost per step",
+              "p50/p95 of computing and applying a step's token masks for its constrained rows "
+              "(splitserve_engine_structured_mask_seconds), and their share of all step time: what constraints "
+              "cost the batch.",
+              [q for q in quantiles("splitserve_engine_structured_mask_seconds") if not q.legend.startswith("p99")] +
+              [Query(f"sum({rate('splitserve_engine_structured_mask_seconds_sum')}) / "
+                     f"clamp_min(sum({rate('splitserve_engine_step_seconds_sum')}), 1e-9)",
+                     "share of step time (0-1)")], unit="s"),
+    ]),
     Row("Engine $instance", repeat="instance", panels=[
         Panel("Running and waiting",
               "This engine's sequences holding KV cache and waiting for prefill: how the gateway spreads the load.",

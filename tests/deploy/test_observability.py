@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from common.stack import free_port
-from splitserve.v1 import gateway_pb2_grpc
+from splitserve.v1 import common_pb2, gateway_pb2_grpc
 from tests.deploy.conftest import DEPLOY, REPO, ComposeStack, tool
 from tests.helpers import make_request, rpc_error, stream
 
@@ -106,9 +106,14 @@ def send_traffic(gateway: gateway_pb2_grpc.GatewayStub) -> None:
         requests = [make_request(f"observe {i + offset}: the weather today is" if i % 2 else
                                  [("user", f"Tell me a story about {i + offset} cats.")],
                                  max_tokens=24, ignore_eos=True) for i in range(count)]
+        # Constrained ones too: a new constraint each wave (a compile) and one seen before from the second on.
+        constrained = [make_request(f"observe {offset}: pick one", max_tokens=24, structured_output=
+                                    common_pb2.StructuredOutput(choice=common_pb2.ChoiceList(choices=choices)))
+                       for choices in (["yes", "no"], [f"wave {offset}", "none"])]
         with ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda r: stream(gateway, r, timeout=60), requests))
-        assert all(r.last.finish_reason == "length" for r in results)
+            results = list(pool.map(lambda r: stream(gateway, r, timeout=60), requests + constrained))
+        assert all(r.last.finish_reason == "length" for r in results[:count])
+        assert all(r.last.finish_reason == "stop" for r in results[count:])
 
     wave(4, 0)
     error = rpc_error(lambda: gateway.Generate(make_request("bad", temperature=-1.0), timeout=10))

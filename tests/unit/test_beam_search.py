@@ -156,6 +156,23 @@ def test_max_new_tokens_one_ends_after_one_step_with_the_best_token():
         search.step(logprobs)
 
 
+def test_forbidden_tokens_never_become_beams_or_hypotheses():
+    """A structured-output mask leaves fewer allowed tokens than candidates: the -inf ones are dropped, the search
+    goes on with fewer beams, and ends with an allowed hypothesis."""
+    search = BeamSearch(num_beams=3, max_new_tokens=3, eos_token_ids=[EOS])
+    only = torch.full((1, 50), float("-inf"))
+    only[0, [7, 9]] = torch.log_softmax(torch.tensor([1.0, 0.5]), dim=-1)   # two allowed tokens, three beams
+    step = search.step(only)
+    assert sorted(step.tokens) == [7, 9] and not step.done
+    masked = torch.full((2, 50), float("-inf"))
+    masked[:, 11] = -0.1
+    masked[:, EOS] = -3.0
+    step = search.step(masked)
+    assert set(step.tokens) == {11}
+    search.step(torch.full((len(step.tokens), 50), float("-inf")).index_fill_(1, torch.tensor([EOS]), 0.0))
+    assert search.done and all(token in (7, 9, 11, EOS) for token in search.best())
+
+
 def test_one_beam_is_greedy_not_beam_search():
     with pytest.raises(ValueError):
         BeamSearch(num_beams=1, max_new_tokens=8, eos_token_ids=[EOS])
