@@ -23,8 +23,6 @@ from splitserve.v1 import common_pb2
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                  "guided_grammar": "grammar"}
 STRUCTURED_OUTPUTS_KINDS = ("json", "regex", "choice", "grammar", "json_object")
-# vLLM's options that shape how a constraint is compiled rather than what it is: accepted, not used.
-IGNORED_FIELDS = ("guided_decoding_backend", "guided_whitespace_pattern")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """OpenAI's response objects for one request, built from the pipeline's chunks: the whole answer, or its streamed
 chunks as server-sent events; tool calls read out of a chat choice's text (tool_calls.py) as `tool_calls` or
-streamed `delta.tool_calls`, with finish_reason "tool_calls"; `n` choices (chunks of different choices interleave, each names its index) and
-log-probabilities in OpenAI's two formats (chat: `logprobs.content`; completions: the legacy `tokens` /
+streamed `delta.tool_calls`, with finish_reason "tool_calls"; `n` choices (chunks of different choices interleave,
+each names its index) and log-probabilities in OpenAI's two formats (chat: `logprobs.content`; completions: the legacy `tokens` /
 `token_logprobs` / `top_logprobs` / `text_offset`); and errors in OpenAI's body, with the HTTP status from the
 gRPC code in one table (`HTTP_STATUS`)."""
 from __future__ import annotations

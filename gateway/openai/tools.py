@@ -111,7 +111,8 @@ def tool_calls_of(message: dict[str, Any], param: str) -> list[common_pb2.ToolCa
         where = f"{param}.tool_calls[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict):
-            raise ParamError(where, f'{where} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}')
+            raise ParamError(where, f'{where} must be {{"id", "type": "function", '
+                                    f'"function": {{"name", "arguments"}}}}')
         arguments = function.get("arguments")
         if isinstance(arguments, (dict, list)):
             arguments = json.dumps(arguments, ensure_ascii=False)

@@ -130,7 +130,8 @@ def test_tool_calls_and_results_come_back_in_the_conversation():
     body = {"messages": [
         {"role": "user", "content": "weather?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 3}'}], "tools": TOOLS}
     request = validate(read(body).generate, Limits())
     assistant, tool = request.messages[1], request.messages[2]
