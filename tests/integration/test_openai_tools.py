@@ -1,16 +1,21 @@
 """Structured output and tools on the OpenAI API, on the tiny random model (whatever it prefers, the constraint
 decides): forced tool calls come back the same whole and streamed, and validate; bad constraints and tools are 400s
-whose `param` names the field (the engine's compile errors included), and the server serves the next request."""
+whose `param` names the field (the engine's compile errors included), and the server serves the next request;
+`tool_choice: "auto"` on a model whose template renders tools reads the calls in the model's own format."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 
 import jsonschema
 import openai
 import pytest
 
+from common.stack import Ports, Stack
 from tests.helpers import openai_client
 from tests.integration.test_openai import post
+from tests.unit.test_tool_calls import HERMES_TEMPLATE
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                             "days": {"type": "integer", "minimum": 1, "maximum": 7}},
@@ -97,3 +102,47 @@ def test_bad_constraints_and_tools_are_400_naming_the_field(tiny_stack, extra, p
     assert reply["error"]["param"] == param and words in reply["error"]["message"], reply
     ok_status, ok = post(tiny_stack, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2})
     assert ok_status == 200 and ok["choices"][0]["message"]["content"] is not None
+
+
+# ---- tool_choice "auto" on a model whose template renders tools (Hermes / Qwen format) ------------------------
+
+@pytest.fixture(scope="module")
+def hermes_client(tiny_stack, tiny_model_dir, tmp_path_factory) -> Iterator[openai.OpenAI]:
+    """The tiny model's engine behind its own tokenizer and gateway, the tokenizer reading a Hermes-style template."""
+    folder = tmp_path_factory.mktemp("hermes-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, folder / name)
+    (folder / "chat_template.jinja").write_text(HERMES_TEMPLATE)
+    stack = Stack(model=str(folder), ports=Ports.free(), log_dir=tmp_path_factory.mktemp("hermes-logs"),
+                  engine_address=tiny_stack.address("engine"))
+    stack.start_service("tokenizer", timeout=120)
+    stack.start_service("gateway", timeout=120)
+    yield openai_client(stack)
+    stack.stop()
+
+
+# The random model writes what the choice constraint allows: a call in the model's format, or plain text.
+CALL_TEXT = 'Sure.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}}</tool_call>'
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_auto_reads_calls_in_the_models_own_format(hermes_client, streamed):
+    model = hermes_client.models.list().data[0].id
+    kwargs = dict(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=64, temperature=0)
+    if streamed:
+        with hermes_client.chat.completions.stream(**kwargs, extra_body={"guided_choice": [CALL_TEXT]}) as stream:
+            final = stream.get_final_completion()
+    else:
+        final = hermes_client.chat.completions.create(**kwargs, extra_body={"guided_choice": [CALL_TEXT]})
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure."
+    [call] = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo", "days": 2}
+    plain = hermes_client.chat.completions.create(**kwargs, extra_body={"guided_choice": ["No call needed."]})
+    assert plain.choices[0].message.content == "No call needed." and plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].finish_reason == "stop"
+    # The template rendered the tools into the prompt (tool_choice "none" leaves them out).
+    without = hermes_client.chat.completions.create(**kwargs, tool_choice="none", extra_body={"guided_choice": ["x"]})
+    assert plain.usage.prompt_tokens > without.usage.prompt_tokens + 20
