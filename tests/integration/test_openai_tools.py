@@ -14,6 +14,7 @@ import pytest
 
 from common.stack import Ports, Stack
 from tests.helpers import openai_client
+from tests.integration.test_lifecycle import scrape
 from tests.integration.test_openai import post
 from tests.unit.test_tool_calls import HERMES_TEMPLATE
 
@@ -37,7 +38,10 @@ def model(client) -> str:
 
 
 @pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
-def test_forced_calls_are_the_same_whole_and_streamed(client, model, tool_choice):
+def test_forced_calls_are_the_same_whole_and_streamed(client, model, tiny_stack, tool_choice):
+    mode = "required" if tool_choice == "required" else "named"
+    label = f'splitserve_tool_call_requests_total{{tool_choice="{mode}"}}'
+    counted = scrape(tiny_stack.ports.gateway_http).get(label, 0)
     kwargs = dict(model=model, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, temperature=0,
                   max_tokens=96, parallel_tool_calls=False)
     whole = client.chat.completions.create(**kwargs).choices[0]
@@ -57,6 +61,7 @@ def test_forced_calls_are_the_same_whole_and_streamed(client, model, tool_choice
     assert all(piece.index == 0 and piece.id is None for piece in pieces[1:]) and len(pieces) >= 2
     assert "".join(piece.function.arguments or "" for piece in pieces) == call.function.arguments
     assert finish_reasons[-1] == "tool_calls"
+    assert scrape(tiny_stack.ports.gateway_http)[label] == counted + 2
 
 
 def test_tool_calls_and_results_are_accepted_back(client, model):
