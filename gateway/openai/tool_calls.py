@@ -268,14 +268,18 @@ class ToolCallParser:
                 self._pending = self._pending[at + len(HERMES_OPEN):]
                 self._in_block, self._block, self._block_calls = True, HERMES_OPEN, 0
                 continue
-            char, self._pending = self._pending[0], self._pending[1:]
-            self._block += char
-            deltas += self._scan(char)
-            if self._scanner.depth <= 0 and not self._scanner.in_string and self._block.endswith(HERMES_CLOSE):
-                self._scanner = _JsonScanner()
-                if not self._block_calls:
-                    content += self._block
-                self._in_block = False
+            used = 0
+            for char in self._pending:    # up to the block's end
+                used += 1
+                self._block += char
+                deltas += self._scan(char)
+                if self._scanner.depth <= 0 and not self._scanner.in_string and self._block.endswith(HERMES_CLOSE):
+                    self._scanner = _JsonScanner()
+                    if not self._block_calls:
+                        content += self._block
+                    self._in_block = False
+                    break
+            self._pending = self._pending[used:]
         return content, _merge(deltas)
 
 
