@@ -59,6 +59,9 @@ class GatewayConfig:
     max_stop_token_ids: int = field(default=128, metadata={"help": "stop_token_ids per request at most"})
     max_output_budget: int = field(default=262_144, metadata={
         "help": "n x max_tokens x (1 + logprobs) per request at most (bounds one reply's size); 0: no limit"})
+    max_tools: int = field(default=128, metadata={"help": "tools (functions) per chat request at most (OpenAI's 128)"})
+    max_tool_schema_chars: int = field(default=65_536, metadata={
+        "help": "characters of one tool's parameters schema (and description) at most"})
     max_message_bytes: int = field(default=2 * 1024 * 1024, metadata={
         "help": "largest gRPC message / HTTP body accepted (as TGI's 2 MB payload limit)"})
     max_concurrent_rpcs: int = field(default=4096, metadata={
@@ -106,7 +109,8 @@ async def serve(config: GatewayConfig) -> None:
     limits = Limits(max_stop_strings=config.max_stop_strings, max_stop_string_chars=config.max_stop_string_chars,
                     max_prompt_chars=config.max_prompt_chars, max_prompt_tokens=config.max_prompt_tokens,
                     max_output_tokens=config.max_output_tokens, max_messages=config.max_messages,
-                    max_stop_token_ids=config.max_stop_token_ids, max_output_budget=config.max_output_budget)
+                    max_stop_token_ids=config.max_stop_token_ids, max_output_budget=config.max_output_budget,
+                    max_tools=config.max_tools, max_tool_schema_chars=config.max_tool_schema_chars)
     gateway = FrontDoor(pipeline, limits, Admission(config.max_concurrent_requests, config.max_waiting_requests),
                         config.request_timeout_seconds or None, ClientLimit(config.max_requests_per_client))
     servicer = GatewayServicer(gateway, config.stream_write_timeout_seconds, keyed=bool(config.keys))

@@ -5,18 +5,21 @@ import grpc
 
 
 class GatewayError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """`param`: the OpenAI request field at fault, where one is (its error body names it)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
 
 def deadline_expired() -> GatewayError:
     return GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline expired")
 
 
-def invalid(message: str) -> GatewayError:
-    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def invalid(message: str, param: str | None = None) -> GatewayError:
+    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, param)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str, address: str) -> GatewayError:

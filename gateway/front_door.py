@@ -18,7 +18,7 @@ from gateway.client_limit import ClientLimit
 from gateway.errors import GatewayError
 from gateway.pipeline import Chunk, Pipeline
 from gateway.validation import Limits, validate
-from splitserve.v1 import common_pb2, gateway_pb2
+from splitserve.v1 import common_pb2, gateway_pb2, tokenizer_pb2
 
 log = logging.getLogger("splitserve.gateway")
 
@@ -43,6 +43,9 @@ class FrontDoor:
 
     async def model_info(self) -> common_pb2.ModelInfo:
         return await self.pipeline.model_info()
+
+    async def tokenizer_info(self) -> tokenizer_pb2.TokenizerInfo:
+        return await self.pipeline.tokenizer_info()
 
     async def generate(self, request: gateway_pb2.GenerateRequest, deadline: float | None, client: str = ""
                        ) -> AsyncIterator[Chunk]:

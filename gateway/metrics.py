@@ -24,3 +24,5 @@ STALLED_CLIENTS = Counter("splitserve_stalled_clients", "Streams ended because t
                           "(a write waited longer than --stream-write-timeout-seconds)")
 FAILOVERS = Counter("splitserve_failovers", "Streams moved to another engine after theirs was lost mid-stream",
                     ["reason"])
+TOOL_CALL_REQUESTS = Counter("splitserve_tool_call_requests", "Chat requests with tools, by tool_choice (auto, "
+                             "required, named)", ["tool_choice"])

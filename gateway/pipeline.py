@@ -135,6 +135,7 @@ class Pipeline:
         self.prefill_router = EngineRouter(prefill_engine_address, router_settings, tls) \
             if prefill_engine_address else None
         self._model_info: common_pb2.ModelInfo | None = None
+        self._tokenizer_info: tokenizer_pb2.TokenizerInfo | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -171,6 +172,17 @@ class Pipeline:
         assert self._model_info is not None
         return self._model_info
 
+    async def tokenizer_info(self, timeout: float | None = 10.0) -> tokenizer_pb2.TokenizerInfo:
+        """The tokenizer's description (the chat template's tool support); asked once."""
+        if self._tokenizer_info is None:
+            try:
+                await wait_ready(self._tokenizer_channel, timeout)
+                self._tokenizer_info = await self.tokenizer.GetInfo(tokenizer_pb2.GetTokenizerInfoRequest(),
+                                                                    timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc, "tokenizer", self.tokenizer_address) from None
+        return self._tokenizer_info
+
     async def generate(self, request: ValidRequest, deadline: float | None) -> AsyncIterator[Chunk]:
         """Yields chunks of new text; each completion's last chunk has finish_reason and usage. Raises
         GatewayError. Closing the generator early aborts the engine sequences still running."""
@@ -200,7 +212,8 @@ class Pipeline:
         if request.prompt is not None:
             tokenize.prompt = request.prompt
         else:
-            tokenize.messages.extend(common_pb2.ChatMessage(role=r, content=c) for r, c in request.messages or [])
+            tokenize.messages.extend(request.messages or [])
+            tokenize.tools.extend(request.tools)
         try:
             await wait_ready(self._tokenizer_channel, remaining())
             prompt_ids = list((await self.tokenizer.Tokenize(tokenize, timeout=remaining())).token_ids)

@@ -1,9 +1,11 @@
 """Validation of the public GenerateRequest: the one place where users' parameters are checked."""
 from __future__ import annotations
 
+import json
 import math
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.chat import CHAT_ROLES
 from common.logs import clip
@@ -15,6 +17,8 @@ from splitserve.v1 import common_pb2, gateway_pb2
 DEFAULT_MAX_TOKENS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_N = 16                        # completions per request
+MAX_TOOL_NAME_CHARS = 64          # OpenAI's bound on a function's name
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -27,17 +31,20 @@ class Limits:
     max_messages: int = 2048            # chat messages per request
     max_stop_token_ids: int = 128       # also keeps beam search's candidates (1 + ids) x beams below the vocabulary
     max_output_budget: int = 262_144    # n x max_tokens x (1 + logprobs): bounds what one reply holds; 0: none
+    max_tools: int = 128                # functions per request (OpenAI's bound)
+    max_tool_schema_chars: int = 65_536  # characters of one function's parameters schema
 
 
 @dataclass
 class ValidRequest:
     request_id: str
     prompt: str | None
-    messages: list[tuple[str, str]] | None
+    messages: list[common_pb2.ChatMessage] | None
     sampling: common_pb2.SamplingParams      # for the engine: max_tokens filled in once the prompt is tokenized
     stop: list[str]
     limits: Limits = Limits()
     n: int = 1                               # completions: one engine sequence each (sampling.n is cleared)
+    tools: list[common_pb2.Tool] = field(default_factory=list)
 
     @property
     def sequences(self) -> int:
@@ -70,13 +77,13 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
         if len(request.messages) > limits.max_messages:
             raise invalid(f"the request has {len(request.messages)} messages; at most {limits.max_messages} "
                           f"are allowed")
-        messages = []
-        for i, message in enumerate(request.messages):
-            if message.role not in CHAT_ROLES:
-                raise invalid(f"messages[{i}].role is {clip(message.role)!r}; expected one of {', '.join(CHAT_ROLES)}")
-            messages.append((message.role, message.content))
-        if sum(len(content) for _, content in messages) > limits.max_prompt_chars:
+        messages = list(request.messages)
+        for i, message in enumerate(messages):
+            _check_message(i, message)
+        if sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in messages) > \
+                limits.max_prompt_chars:
             raise invalid(f"the messages exceed {limits.max_prompt_chars} characters")
+    _check_tools(request, limits)
     request_id = assign_request_id(request)
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise invalid(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
@@ -123,7 +130,59 @@ def validate(request: gateway_pb2.GenerateRequest, limits: Limits) -> ValidReque
     del engine_params.stop[:]                 # stop strings are the gateway's business, never the engine's
     engine_params.ClearField("n")             # so is n: the gateway sends one sequence per completion
     return ValidRequest(request_id, request.prompt if has_prompt else None, messages, engine_params, list(params.stop),
-                        limits, n=max(1, params.n))
+                        limits, n=max(1, params.n), tools=list(request.tools))
+
+
+def _check_message(i: int, message: common_pb2.ChatMessage) -> None:
+    if message.role not in CHAT_ROLES:
+        raise invalid(f"messages[{i}].role is {clip(message.role)!r}; expected one of {', '.join(CHAT_ROLES)}",
+                      f"messages[{i}].role")
+    if message.tool_calls and message.role != "assistant":
+        raise invalid(f"messages[{i}].tool_calls: only assistant messages carry tool calls", f"messages[{i}]")
+    for j, call in enumerate(message.tool_calls):
+        if not call.name or len(call.name) > MAX_TOOL_NAME_CHARS:
+            raise invalid(f"messages[{i}].tool_calls[{j}] needs a function name of at most {MAX_TOOL_NAME_CHARS} "
+                          f"characters", f"messages[{i}].tool_calls[{j}].function.name")
+        if len(call.id) > MAX_REQUEST_ID_CHARS:
+            raise invalid(f"messages[{i}].tool_calls[{j}].id is longer than {MAX_REQUEST_ID_CHARS} characters",
+                          f"messages[{i}].tool_calls[{j}].id")
+    if message.role == "tool" and len(message.tool_call_id) > MAX_REQUEST_ID_CHARS:
+        raise invalid(f"messages[{i}].tool_call_id is longer than {MAX_REQUEST_ID_CHARS} characters",
+                      f"messages[{i}].tool_call_id")
+
+
+def _check_tools(request: gateway_pb2.GenerateRequest, limits: Limits) -> None:
+    """Tools: chat only, bounded in number and size, names as OpenAI allows them, parameters a JSON Schema object
+    (the engine compiles it only when a call is forced: its deeper errors come back from there)."""
+    if not request.tools:
+        return
+    if not request.messages:
+        raise invalid("tools apply to chat messages only", "tools")
+    if len(request.tools) > limits.max_tools:
+        raise invalid(f"the request has {len(request.tools)} tools; this server allows at most {limits.max_tools}",
+                      "tools")
+    names = set()
+    for i, tool in enumerate(request.tools):
+        if not TOOL_NAME.fullmatch(tool.name) or len(tool.name) > MAX_TOOL_NAME_CHARS:
+            raise invalid(f"tools[{i}]: the function name {clip(tool.name)!r} must be 1 to {MAX_TOOL_NAME_CHARS} "
+                          f"letters, digits, underscores or dashes", f"tools[{i}].function.name")
+        if tool.name in names:
+            raise invalid(f"tools[{i}]: the function name {tool.name!r} is used twice", f"tools[{i}].function.name")
+        names.add(tool.name)
+        if len(tool.parameters) > limits.max_tool_schema_chars:
+            raise invalid(f"tools[{i}]: the parameters schema has {len(tool.parameters)} characters; this server "
+                          f"allows at most {limits.max_tool_schema_chars}", f"tools[{i}].function.parameters")
+        if tool.parameters:
+            try:
+                schema = json.loads(tool.parameters)
+            except (ValueError, RecursionError):
+                schema = None
+            if not isinstance(schema, dict):
+                raise invalid(f"tools[{i}]: the parameters must be a JSON Schema object", 
+                              f"tools[{i}].function.parameters")
+        if len(tool.description) > limits.max_tool_schema_chars:
+            raise invalid(f"tools[{i}]: the description is longer than {limits.max_tool_schema_chars} characters",
+                          f"tools[{i}].function.description")
 
 
 def fit_max_tokens(valid: ValidRequest, prompt_tokens: int, context: int, vocab_size: int) -> None:

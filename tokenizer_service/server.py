@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 
 from splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from tokenizer_service.chat_tools import ToolCall, ToolDefinition, template_message
 from tokenizer_service.detokenize_streams import DetokenizeStream
 from tokenizer_service.metrics import DETOKENIZE_SEQUENCES, TOKENIZER_SECONDS
 from tokenizer_service.tokenizer import PromptTokenizer
@@ -31,13 +32,19 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
         async with _status_on_error(context):
             if bool(request.prompt) == bool(request.messages):
                 raise ValueError("set exactly one of prompt or messages")
-            messages = [(message.role, message.content) for message in request.messages]
+            messages = [template_message(m.role, m.content, [ToolCall(c.id, c.name, c.arguments)
+                                                             for c in m.tool_calls], m.tool_call_id, m.name)
+                        for m in request.messages]
+            tools = [ToolDefinition(t.name, t.description, t.parameters) for t in request.tools]
             if request.prompt:
+                if tools:
+                    raise ValueError("tools apply to messages only")
                 encode = functools.partial(self.tokenizer.encode_prompt, request.prompt)
             else:
-                encode = functools.partial(self.tokenizer.encode_chat, messages)
+                encode = functools.partial(self.tokenizer.encode_chat, messages, tools)
             # every message costs template work, even an empty one: count it as a few characters
-            size = len(request.prompt) + sum(len(role) + len(content) + 16 for role, content in messages)
+            size = len(request.prompt) + sum(m.ByteSize() + 16 for m in request.messages) + \
+                sum(t.ByteSize() for t in request.tools)
             with _timed("tokenize"):
                 ids = encode() if size <= INLINE_PROMPT_CHARS else await asyncio.to_thread(encode)
         return tokenizer_pb2.TokenizeResponse(token_ids=ids)
@@ -75,7 +82,9 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                       context: grpc.aio.ServicerContext) -> tokenizer_pb2.TokenizerInfo:
         return tokenizer_pb2.TokenizerInfo(
             name=self.tokenizer.name, vocab_size=self.tokenizer.vocab_size,
-            eos_token_ids=self.tokenizer.eos_token_ids, has_chat_template=self.tokenizer.has_chat_template)
+            eos_token_ids=self.tokenizer.eos_token_ids, has_chat_template=self.tokenizer.has_chat_template,
+            template_renders_tools=self.tokenizer.template_renders_tools,
+            tool_call_format=self.tokenizer.tool_call_format)
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,9 @@ from tokenizers import AddedToken, Tokenizer
 
 from common.chat import CHAT_ROLES
 from common.logs import clip
-from tokenizer_service.chat_template import ChatTemplate
+from tokenizer_service.chat_template import ChatTemplate, Message
+from tokenizer_service.chat_tools import ToolDefinition, call_format, openai_tools, renders_tools, \
+    without_template_support
 from tokenizer_service.detokenizer import IncrementalDetokenizer
 from tokenizer_service.token_bytes import TokenTexts
 
@@ -56,6 +58,8 @@ class PromptTokenizer:
         source = _chat_template_source(folder, config)
         self.chat_template = ChatTemplate(source, special_tokens) if source else None
         self.has_chat_template = self.chat_template is not None
+        self.template_renders_tools = self.chat_template is not None and renders_tools(self.chat_template.render)
+        self.tool_call_format = call_format(source) if self.template_renders_tools and source else ""
         # transformers' decode applies clean_up_tokenization_spaces, except to BPE models (unless forced).
         self.cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and (
             type(self.backend.model).__name__ != "BPE"
@@ -68,19 +72,25 @@ class PromptTokenizer:
         # With the special tokens (BOS...): the same ids a user gets from tokenizer(text) + model.generate.
         return self.backend.encode(text, add_special_tokens=True).ids
 
-    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Message | tuple[str, str]],
+                    tools: Sequence[ToolDefinition] = ()) -> list[int]:
+        """`messages`: template messages (chat_tools.template_message), or (role, content) pairs."""
         if self.chat_template is None:
             raise TokenizerInputError(f"model {self.name} has no chat template: send a prompt instead of messages")
         if not messages:
             raise TokenizerInputError("messages is empty")
         if len(messages) > MAX_MESSAGES:   # this port is reachable too: its own bound, above the gateway's
             raise TokenizerInputError(f"{len(messages)} messages; at most {MAX_MESSAGES} are rendered")
-        for index, (role, _) in enumerate(messages):
-            if role not in CHAT_ROLES:
+        conversation = [{"role": m[0], "content": m[1]} if isinstance(m, tuple) else m for m in messages]
+        for index, message in enumerate(conversation):
+            if message["role"] not in CHAT_ROLES:
                 raise TokenizerInputError(
-                    f"messages[{index}].role {clip(role)!r} is not one of {', '.join(CHAT_ROLES)}")
+                    f"messages[{index}].role {clip(message['role'])!r} is not one of {', '.join(CHAT_ROLES)}")
+        functions = openai_tools(tools)
+        if not self.template_renders_tools:
+            conversation = without_template_support(conversation, functions)
         try:
-            text = self.chat_template.render([{"role": role, "content": content} for role, content in messages])
+            text = self.chat_template.render(conversation, tools=functions or None)
         except jinja2.TemplateError as exc:  # templates raise it to reject a conversation (e.g. roles must alternate)
             raise TokenizerInputError(f"chat template rejected the messages: {exc}") from exc
         # The template wrote the special tokens itself (as transformers' apply_chat_template).

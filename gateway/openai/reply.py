@@ -1,12 +1,14 @@
 """OpenAI's response objects for one request, built from the pipeline's chunks: the whole answer, or its streamed
-chunks as server-sent events; `n` choices (chunks of different choices interleave, each names its index) and
-log-probabilities in OpenAI's two formats (chat: `logprobs.content`; completions: the legacy `tokens` /
+chunks as server-sent events; tool calls read out of a chat choice's text (tool_calls.py) as `tool_calls` or
+streamed `delta.tool_calls`, with finish_reason "tool_calls"; `n` choices (chunks of different choices interleave,
+each names its index) and log-probabilities in OpenAI's two formats (chat: `logprobs.content`; completions: the legacy `tokens` /
 `token_logprobs` / `top_logprobs` / `text_offset`); and errors in OpenAI's body, with the HTTP status from the
 gRPC code in one table (`HTTP_STATUS`)."""
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,7 @@ import grpc
 from aiohttp import web
 
 from gateway.errors import GatewayError
+from gateway.openai.tool_calls import ToolCallDelta, ToolCallParser
 from gateway.pipeline import Chunk
 from splitserve.v1 import common_pb2
 
@@ -34,11 +37,24 @@ class _Choice:
     text_offset: int = 0          # completions: where the next token's text starts
     started: bool = False         # a chat stream sent this choice's role
     last: Chunk | None = None     # the chunk with finish_reason and usage
+    tools: ToolCallParser | None = None                     # reads its tool calls (chat with tools)
+    unsent_logprobs: list[common_pb2.TokenLogprobs] = field(default_factory=list)   # of text held back
+
+    def finish_reason(self) -> str:
+        assert self.last is not None
+        called = self.tools is not None and self.tools.calls
+        return "tool_calls" if called and self.last.finish_reason == "stop" else self.last.finish_reason
+
+    def take_logprobs(self) -> list[common_pb2.TokenLogprobs]:
+        logprobs, self.unsent_logprobs = self.unsent_logprobs, []
+        return logprobs
 
 
 class Reply:
-    def __init__(self, chat: bool, response_id: str, model: str, logprobs: bool) -> None:
+    def __init__(self, chat: bool, response_id: str, model: str, logprobs: bool,
+                 tool_parser: Callable[[], ToolCallParser] | None = None) -> None:
         self.chat = chat
+        self.tool_parser = tool_parser   # chat with tools: makes each choice's reader of tool calls
         self.id = response_id
         self.model = model
         self.logprobs = logprobs      # the request asked for them
@@ -57,7 +73,9 @@ class Reply:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _choice(self, chunk: Chunk) -> _Choice:
-        choice = self.choices.setdefault(chunk.index, _Choice())
+        choice = self.choices.get(chunk.index)
+        if choice is None:
+            choice = self.choices[chunk.index] = _Choice(tools=self.tool_parser() if self.tool_parser else None)
         choice.token_bytes.update(chunk.token_bytes)
         if chunk.finish_reason:
             choice.last = chunk
@@ -107,14 +125,22 @@ class Reply:
             choice = self.choices[index]
             assert choice.last is not None
             text = "".join(choice.text)
+            answer = {"message": self._message(choice, text)} if self.chat else {"text": text}   # reads the calls
             body: dict[str, Any] = {"index": index, "logprobs": self._format_logprobs(choice, choice.logprobs),
-                                    "finish_reason": choice.last.finish_reason}
-            if self.chat:
-                body["message"] = {"role": "assistant", "content": text}
-            else:
-                body["text"] = text
+                                    "finish_reason": choice.finish_reason(), **answer}
             choices.append(body)
         return {**self._envelope(choices, chunk=False), "usage": self.usage()}
+
+    @staticmethod
+    def _message(choice: _Choice, text: str) -> dict[str, Any]:
+        if choice.tools is None:
+            return {"role": "assistant", "content": text}
+        content, _ = choice.tools.feed(text)
+        content += choice.tools.finish()[0]
+        if not choice.tools.calls:   # nothing parsed as a call: the text is the answer
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": content or None,
+                "tool_calls": [call.openai() for call in choice.tools.calls]}
 
     # ---- streamed chunks --------------------------------------------------------------------------------------
 
@@ -125,7 +151,8 @@ class Reply:
         events = []
 
         def event(content: str | None, finish_reason: str | None, role: bool = False,
-                  logprobs: list[common_pb2.TokenLogprobs] | None = None) -> dict[str, Any]:
+                  logprobs: list[common_pb2.TokenLogprobs] | None = None,
+                  tool_calls: list[ToolCallDelta] | None = None) -> dict[str, Any]:
             body: dict[str, Any] = {"index": chunk.index,
                                     "logprobs": self._format_logprobs(choice, logprobs) if logprobs else None,
                                     "finish_reason": finish_reason}
@@ -133,6 +160,8 @@ class Reply:
                 delta: dict[str, Any] = {} if content is None else {"content": content}
                 if role:
                     delta["role"] = "assistant"
+                if tool_calls:
+                    delta["tool_calls"] = [call.openai() for call in tool_calls]
                 body["delta"] = delta
             else:
                 body["text"] = content or ""
@@ -144,10 +173,19 @@ class Reply:
         if self.chat and not choice.started:
             choice.started = True
             events.append(event("", None, role=True))
-        if chunk.text:
-            events.append(event(chunk.text, None, logprobs=chunk.logprobs))
+        content, calls = chunk.text, []
+        if choice.tools is not None:
+            content, calls = choice.tools.feed(chunk.text)
+            if chunk.finish_reason:
+                more_content, more_calls = choice.tools.finish()
+                content, calls = content + more_content, calls + more_calls
+        choice.unsent_logprobs.extend(chunk.logprobs)
+        if content:
+            events.append(event(content, None, logprobs=choice.take_logprobs()))
+        if calls:
+            events.append(event(None, None, logprobs=choice.take_logprobs(), tool_calls=calls))
         if chunk.finish_reason:
-            events.append(event(None, chunk.finish_reason, logprobs=None if chunk.text else chunk.logprobs))
+            events.append(event(None, choice.finish_reason(), logprobs=choice.take_logprobs()))
         return events
 
     def usage_event(self) -> dict[str, Any]:
@@ -178,7 +216,7 @@ def error_body(code: grpc.StatusCode, message: str, param: str | None = None) ->
 
 
 def error_response(exc: GatewayError) -> web.Response:
-    status, body = error_body(exc.code, exc.message, getattr(exc, "param", None))
+    status, body = error_body(exc.code, exc.message, exc.param)
     return web.json_response(body, status=getattr(exc, "status", status))   # a few errors name their own status
 
 

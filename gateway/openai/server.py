@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -24,12 +24,16 @@ from aiohttp import web
 
 from common.logs import clip
 from common.security import ApiKeys
+from gateway import metrics
 from gateway.client_limit import client_of
 from gateway.errors import GatewayError
 from gateway.front_door import FrontDoor
 from gateway.http_guard import guard
+from gateway.openai.params import ParamError
 from gateway.openai.reply import Reply, error_body, error_response, sse
-from gateway.openai.request import generate_request, read_body, requested_model, stream_options
+from gateway.openai.request import OpenAIRequest, generate_request, read_body, requested_model, stream_options
+from gateway.openai.tool_calls import ToolCallParser
+from gateway.pipeline import Chunk
 from gateway.validation import assign_request_id
 from gateway.writes import StalledClient, write_bounded
 
@@ -123,17 +127,49 @@ class OpenAIServer:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
+    async def _tool_parser(self, parsed: OpenAIRequest) -> Callable[[], ToolCallParser] | None:
+        """How the reply's tool calls are read: forced calls in the constraint's form; `auto` in the model's own
+        format, refused where the template renders no tools or the format is not one splitserve reads."""
+        choice = parsed.tool_choice
+        if choice.mode == "none":
+            return None
+        metrics.TOOL_CALL_REQUESTS.labels(tool_choice=choice.mode).inc()
+        if choice.forced:
+            mode = "named" if choice.mode == "named" else "json"
+            return lambda: ToolCallParser(mode, choice.name)
+        info = await self.service.tokenizer_info()
+        if not info.tool_call_format:
+            why = ("has no tool support" if not info.template_renders_tools
+                   else "writes tool calls in a format splitserve does not read")
+            raise ParamError("tool_choice", f'tool_choice "auto" needs a model that decides to call tools itself; '
+                                            f"this model's chat template {why}. tool_choice \"required\" or a named "
+                                            f"function work on any model")
+        return lambda: ToolCallParser(info.tool_call_format)
+
+    async def _chunks(self, parsed: OpenAIRequest, client: str) -> AsyncIterator[Chunk]:
+        """The front door's chunks; the engine's refusal of an output constraint names the field it came from."""
+        try:
+            async with aclosing(self.service.generate(parsed.generate, None, client)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except GatewayError as exc:
+            if exc.code == grpc.StatusCode.INVALID_ARGUMENT and exc.param is None and parsed.constraint_param \
+                    and "structured_output" in exc.message:
+                exc.param = parsed.constraint_param
+            raise
+
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await self._body(request)
-        generate = generate_request(body, chat, request.headers.get("X-Request-Id", ""))
-        request_id = assign_request_id(generate)
+        parsed = generate_request(body, chat, request.headers.get("X-Request-Id", ""))
+        request_id = assign_request_id(parsed.generate)
         stream, include_usage = stream_options(body)
         model = await self._model_name()
         reply = Reply(chat, f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", model,
-                      logprobs=generate.sampling.HasField("logprobs"))
+                      logprobs=parsed.generate.sampling.HasField("logprobs"),
+                      tool_parser=await self._tool_parser(parsed))
         headers = {"X-Request-Id": request_id}
         client = client_of(request.headers.get("Authorization"), request.remote, self.keyed)
-        async with aclosing(self.service.generate(generate, None, client)) as chunks:
+        async with aclosing(self._chunks(parsed, client)) as chunks:
             if not stream:
                 async for chunk in chunks:
                     reply.add(chunk)
@@ -157,7 +193,7 @@ class OpenAIServer:
                     if include_usage:
                         await send(reply.usage_event())
                 except GatewayError as exc:   # mid-stream: an error event, as vLLM does (the SDK raises APIError)
-                    await send(error_body(exc.code, exc.message)[1])
+                    await send(error_body(exc.code, exc.message, exc.param)[1])
                 await send("[DONE]")
                 await response.write_eof()
             except StalledClient:   # nothing more can reach it: drop the connection (the request is aborted)

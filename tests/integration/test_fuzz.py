@@ -37,7 +37,9 @@ json_values = st.recursive(st.none() | st.booleans() | numbers | texts,
 SAMPLING_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "stop", "stop_token_ids",
                    "ignore_eos", "n", "logprobs", "stream", "stream_options", "model", "echo", "best_of",
-                   "logit_bias", "response_format", "user"]
+                   "logit_bias", "response_format", "user", "tools", "tool_choice", "guided_regex"]
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+    "x": {"type": "integer"}}}}}]
 field_values = {
     "max_tokens": st.integers(-3, MAX_OUTPUT + 2) | numbers, "max_completion_tokens": st.integers(1, 8) | numbers,
     "temperature": st.floats(0, 3) | numbers, "top_p": st.floats(0, 1) | numbers, "top_k": numbers,
@@ -51,7 +53,9 @@ field_values = {
     "model": st.sampled_from(["", "nope"]) | texts, "echo": st.booleans(), "best_of": st.sampled_from([1, 2]),
     "logit_bias": st.sampled_from([{}, {"50": 1}]), "response_format": st.sampled_from([{"type": "text"},
                                                                                        {"type": "json_object"}]),
-    "user": texts,
+    "user": texts, "tools": st.just(TOOLS) | json_values,
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}])
+    | json_values, "guided_regex": st.sampled_from(["[a-z]{1,4}", "(", ""]) | json_values,
 }
 valid_texts = st.text(min_size=1, max_size=30)
 valid_field_values = {
@@ -65,7 +69,8 @@ valid_field_values = {
     "ignore_eos": st.booleans(), "n": st.just(1), "logprobs": st.sampled_from([None, False]),
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "model": st.just(""), "echo": st.just(False), "best_of": st.just(1), "logit_bias": st.just({}),
-    "response_format": st.just({"type": "text"}), "user": texts,
+    "response_format": st.just({"type": "text"}), "user": texts, "tools": st.just(TOOLS),
+    "tool_choice": st.sampled_from(["none", "required"]), "guided_regex": st.just("[a-z]{1,4}"),
 }
 valid_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(CHAT_ROLES), "content": st.text(max_size=30)}),
                           min_size=1, max_size=3)
@@ -172,7 +177,7 @@ def check_http_answer(status: int, payload: bytes, streamed: bool) -> None:
         return
     if not streamed:   # n choices (n > 1 is valid with sampling)
         body = json.loads(payload)
-        assert all(choice["finish_reason"] in ("stop", "length") for choice in body["choices"]), body
+        assert all(choice["finish_reason"] in ("stop", "length", "tool_calls") for choice in body["choices"]), body
         assert 1 <= body["usage"]["completion_tokens"] <= MAX_OUTPUT * len(body["choices"])
         return
     events = [line[len("data: "):] for line in payload.decode().split("\n\n") if line.startswith("data: ")]
@@ -184,7 +189,7 @@ def check_http_answer(status: int, payload: bytes, streamed: bool) -> None:
         reasons.setdefault(choice["index"], [])
         if choice["finish_reason"]:
             reasons[choice["index"]].append(choice["finish_reason"])
-    assert reasons and all(r in (["stop"], ["length"]) for r in reasons.values()), chunks
+    assert reasons and all(r in (["stop"], ["length"], ["tool_calls"]) for r in reasons.values()), chunks
 
 
 def test_random_http_requests_get_a_success_or_a_4xx(fuzzed, tiny_stack):

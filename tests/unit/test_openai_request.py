@@ -14,13 +14,14 @@ PROMPT = {"prompt": "hi"}
 
 def test_n_logprobs_and_logit_bias():
     chat = generate_request({**CHAT, "n": 3, "logprobs": True, "top_logprobs": 4, "logit_bias": {"50": -2, "7": 1.5}},
-                            chat=True, request_id="r").sampling
+                            chat=True, request_id="r").generate.sampling
     assert chat.n == 3 and chat.logprobs == 4 and dict(chat.logit_bias) == {50: -2.0, 7: 1.5}
-    assert generate_request({**CHAT, "logprobs": True}, chat=True, request_id="r").sampling.logprobs == 0
-    assert not generate_request({**CHAT, "logprobs": False}, chat=True, request_id="r").sampling.HasField("logprobs")
-    completion = generate_request({**PROMPT, "logprobs": 2}, chat=False, request_id="r").sampling
+    assert generate_request({**CHAT, "logprobs": True}, chat=True, request_id="r").generate.sampling.logprobs == 0
+    assert not generate_request({**CHAT, "logprobs": False}, chat=True,
+                                request_id="r").generate.sampling.HasField("logprobs")
+    completion = generate_request({**PROMPT, "logprobs": 2}, chat=False, request_id="r").generate.sampling
     assert completion.logprobs == 2
-    assert not generate_request(PROMPT, chat=False, request_id="r").sampling.HasField("logprobs")
+    assert not generate_request(PROMPT, chat=False, request_id="r").generate.sampling.HasField("logprobs")
 
 
 @pytest.mark.parametrize("body,param", [
@@ -44,20 +45,20 @@ def test_wrong_json_types_name_the_field(body, param):
 
 def test_extension_fields_reach_the_sampling_params():
     body = {**PROMPT, "num_beams": 4, "length_penalty": 0.5, "early_stopping": True}
-    sampling = generate_request(body, chat=False, request_id="r").sampling
+    sampling = generate_request(body, chat=False, request_id="r").generate.sampling
     assert (sampling.num_beams, sampling.length_penalty, sampling.early_stopping) == (4, 0.5, True)
     assert sampling.temperature == 0.0     # an unset temperature is greedy for a greedy-only strategy
     body = {**PROMPT, "speculative": "prompt_lookup", "num_speculative_tokens": 5, "prompt_lookup_max_ngram": 4,
             "top_k": 8, "min_p": 0.1, "repetition_penalty": 1.1}
-    sampling = generate_request(body, chat=False, request_id="r").sampling
+    sampling = generate_request(body, chat=False, request_id="r").generate.sampling
     assert (sampling.speculative, sampling.num_speculative_tokens, sampling.prompt_lookup_max_ngram) == \
         ("prompt_lookup", 5, 4)
     assert sampling.temperature == 1.0     # OpenAI's default: prompt lookup also samples
     body = {**PROMPT, "speculative": "lookahead", "lookahead_window": 5, "lookahead_ngram": 3}
-    sampling = generate_request(body, chat=False, request_id="r").sampling
+    sampling = generate_request(body, chat=False, request_id="r").generate.sampling
     assert (sampling.lookahead_window, sampling.lookahead_ngram, sampling.temperature) == (5, 3, 0.0)
     body = {**PROMPT, "penalty_alpha": 0.6, "top_k": 4}
-    sampling = generate_request(body, chat=False, request_id="r").sampling
+    sampling = generate_request(body, chat=False, request_id="r").generate.sampling
     assert (round(sampling.penalty_alpha, 3), sampling.top_k, sampling.temperature) == (0.6, 4, 0.0)
 
 
@@ -69,10 +70,11 @@ def test_extension_fields_reach_the_sampling_params():
     {"speculative": "prompt_lookup", "n": 2, "seed": 1},
 ])
 def test_strategies_from_http_pass_validation(extra):
-    validate(generate_request({**PROMPT, **extra}, chat=False, request_id="r"), Limits())
+    validate(generate_request({**PROMPT, **extra}, chat=False, request_id="r").generate, Limits())
 
 
 def test_a_greedy_strategy_with_an_explicit_temperature_is_refused():
     with pytest.raises(GatewayError, match="temperature must be 0"):
-        validate(generate_request({**PROMPT, "num_beams": 2, "temperature": 1.0}, chat=False, request_id="r"),
+        validate(generate_request({**PROMPT, "num_beams": 2, "temperature": 1.0}, chat=False,
+                                  request_id="r").generate,
                  Limits())
