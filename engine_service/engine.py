@@ -3,8 +3,8 @@
 A step: the scheduler picks the chunks (decodes first, then prompt chunks) -> each decoding strategy plans its
 chunks (engine_service.decoding) -> the model runner computes them in one forward pass (a StepOutput) -> each
 strategy accepts its chunks' outputs -> the engine delivers the new tokens and ends the sequences that finish.
-Other threads talk to the loop only through `add_request`, `abort` and the KV-transfer calls (`receive`,
-`write_transferred`, `join_transferred`), which post to its inbox.
+Other threads talk to the loop only through `add_request`, `abort` and `call_in_loop` (a decode engine receiving
+a prompt's KV cache: engine_service.kv_transfer), which post to its inbox.
 """
 from __future__ import annotations
 
@@ -13,22 +13,22 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from typing import Any
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from common.logs import kv
 from engine_service import metrics
 from engine_service.decoding import make_strategy
-from engine_service.decoding.base import Plain, StepResult, Strategy
+from engine_service.decoding.base import StepResult, Strategy
 from engine_service.inbox import EngineFullError, Inbox
 from engine_service.model_runner import ModelRunner, StepOutput
 from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import EngineStats, ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
-from engine_service.structured_output import CompiledGrammar, Grammars, Matcher
+from engine_service.structured_output import CompiledGrammar, Grammars, Matcher, close_matchers, finish_reason
 
 __all__ = ["Engine", "EngineFullError", "EngineStats", "RequestError"]
 log = logging.getLogger("splitserve.engine")
@@ -58,7 +58,7 @@ class Engine:
         self.guesses_verified = 0           # guessed tokens that speculative and lookahead steps verified
         self.guesses_accepted = 0           # tokens those steps produced beyond the first
         self._inbox = Inbox(max_waiting)
-        self._live: dict[str, Sequence] = {}      # owned by the loop thread
+        self.live: dict[str, Sequence] = {}       # by request id; owned by the loop thread
         self._reported = (0, 0, 0, 0, 0)     # counters already exported to Prometheus
         self._now = 0.0                      # when this step's forward pass ended: its tokens' time
         self._stop = threading.Event()
@@ -90,7 +90,7 @@ class Engine:
         try:
             self._inbox.add(seq, len(self.scheduler.waiting))
         except EngineFullError:
-            _close_matchers([seq])
+            close_matchers([seq])
             raise
 
     def new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -115,79 +115,12 @@ class Engine:
         if params.structured_output is not None:
             if grammar is None:
                 raise RequestError("structured_output must be compiled before the request is queued")
-            seq.matcher = self.grammars.matcher(grammar)
-            # a failover's replay: the tokens generated before were accepted by the same constraint
-            if num_replayed and not all(seq.matcher.accept(t) for t in seq.prompt_ids[-num_replayed:]):
-                _close_matchers([seq])
-                raise RequestError("replayed_tokens do not satisfy the request's structured_output constraint")
+            seq.matcher = self.grammars.matcher(grammar, seq.prompt_ids[len(seq.prompt_ids) - num_replayed:])
         return seq
 
-    # -- disaggregated serving: a decode engine receiving a prompt's KV cache (engine_service.kv_transfer) -------
-    @staticmethod
-    def transferable(seq: Sequence) -> bool:
-        """Whether a prefill engine may compute the prompt: plain decoding only (beam and contrastive search
-        and the guessing strategies keep per-request state built during the prompt's own prefill)."""
-        return type(seq.strategy) is Plain
-
-    def receive(self, seq: Sequence) -> Future[int]:
-        """Gives seq blocks for its prompt: its longest cached prefix, fresh blocks for the rest. The result is the
-        number of leading blocks it already holds (the prefill engine skips them); EngineFullError when the cache
-        has no room."""
-        return self._in_loop(self._receive, seq)
-
-    def write_transferred(self, seq: Sequence, first_block: int, data: Any) -> Future[None]:
-        """Writes received blocks [first_block, first_block + n) of seq's prompt (a kv_cache.read_blocks tensor)."""
-        return self._in_loop(self._write_transferred, seq, first_block, data)
-
-    def join_transferred(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> Future[None]:
-        """The prompt's KV cache is complete: seq joins the running batch with its first token (computed by the
-        prefill engine). A sequence aborted meanwhile stays ended."""
-        return self._in_loop(self._join_transferred, seq, token, logprobs)
-
-    def _in_loop(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(function(*args))
-            except Exception as exc:
-                future.set_exception(exc)
-        self._inbox.call(run)
-        return future
-
-    def _receive(self, seq: Sequence) -> int:
-        if seq.request_id in self._live:
-            raise RequestError(f"request {seq.request_id!r} is already running")
-        blocks = self.scheduler.blocks
-        queried = blocks.match_prefix(seq)
-        if not blocks.can_allocate(seq, seq.num_tokens):
-            blocks.free(seq)
-            raise EngineFullError("the engine's KV cache has no room for the prompt")
-        blocks.allocate(seq, seq.num_tokens)
-        self.scheduler.prefix_queried_tokens += queried
-        self.scheduler.prefix_hit_tokens += seq.num_computed
-        seq.status = SequenceStatus.RECEIVING
-        seq.first_scheduled_time = time.perf_counter()
-        self._live[seq.request_id] = seq
-        return seq.num_computed // blocks.block_size
-
-    def _write_transferred(self, seq: Sequence, first_block: int, data: Any) -> None:
-        if seq.status is not SequenceStatus.RECEIVING:   # aborted: its blocks may belong to another sequence now
-            return
-        count = data.shape[3] // self.runner.block_size
-        if first_block < seq.num_computed // self.runner.block_size or first_block + count > len(seq.block_table):
-            raise ValueError(f"blocks [{first_block}, {first_block + count}) are not this prompt's to receive")
-        self.runner.cache.write_blocks(seq.block_table[first_block:first_block + count], self.runner.block_size, data)
-
-    def _join_transferred(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
-        if seq.status is not SequenceStatus.RECEIVING:
-            return
-        seq.num_computed = seq.num_tokens
-        self.scheduler.blocks.register_full_blocks(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(seq)
-        self._now = time.perf_counter()
-        self._append_token(seq, token, logprobs)
+    def call_in_loop(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Runs function(*args) on the loop thread, between steps; its result or exception in the future."""
+        return self._inbox.call(function, *args)
 
     def abort(self, request_id: str) -> None:
         self._inbox.abort(request_id)
@@ -207,21 +140,21 @@ class Engine:
                 for seq in list(self.scheduler.running):
                     self.finish(seq, "error")
             self._publish_metrics()
-        for seq in list(self._live.values()):
+        for seq in list(self.live.values()):
             self.finish(seq, "abort")
 
     def _drain_inbox(self, block: bool) -> None:
         for command, payload in self._inbox.take(block):
             if command == "add":
                 assert isinstance(payload, Sequence)
-                if payload.request_id in self._live:
-                    _close_matchers([payload])
+                if payload.request_id in self.live:
+                    close_matchers([payload])
                     payload.on_output(SequenceOutput([], "abort"))
                     log.warning("duplicate request id %s", kv(request_id=payload.request_id))
                     continue
-                self._live[payload.request_id] = payload
+                self.live[payload.request_id] = payload
                 self.scheduler.add(payload)
-            elif command == "abort" and (seq := self._live.get(str(payload))) is not None:
+            elif command == "abort" and (seq := self.live.get(str(payload))) is not None:
                 self.finish(seq, "abort")
             elif command == "call":
                 payload()
@@ -243,7 +176,7 @@ class Engine:
                     self._run(request_chunks)
                 except Exception as exc:
                     log.error("sequence failed %s", kv(request_id=request_id, error=repr(exc)))
-                    self.finish(self._live.get(request_id, request_chunks[0].seq), "error")
+                    self.finish(self.live.get(request_id, request_chunks[0].seq), "error")
         metrics.observe_step(sum(1 for c in chunks if c.is_decode), len(chunks), time.perf_counter() - started)
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:
@@ -287,11 +220,21 @@ class Engine:
             return
         if seq.export is not None and reason in ("stop", "length"):   # the rest, before the blocks are freed
             seq.export.computed(seq, self.runner.cache, final=True)
-        _close_matchers([seq, *seq.strategy.members(seq)])
+        close_matchers([seq, *seq.strategy.members(seq)])
         self.scheduler.finish(seq, reason)
-        self._live.pop(seq.request_id, None)
+        self.live.pop(seq.request_id, None)
         metrics.REQUESTS_FINISHED.labels(finish_reason=reason).inc()
         seq.on_output(output or SequenceOutput([], reason))
+
+    def join_running(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+        """(Loop thread.) seq's prompt is in the cache (its KV blocks received): it joins the running batch with
+        its first token, computed elsewhere."""
+        seq.num_computed = seq.num_tokens
+        self.scheduler.blocks.register_full_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        self._now = time.perf_counter()
+        self._append_token(seq, token, logprobs)
 
     def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         seq.output_ids.append(token)
@@ -302,16 +245,7 @@ class Engine:
                        "prefill_seconds": self._now - seq.first_scheduled_time}
         reason = seq.stop_reason(self.model_spec.eos_token_ids, self.model_spec.max_context_length)
         if seq.matcher is not None:
-            if seq.matcher.accept(token):
-                if seq.matcher.terminated:      # a stop token where the grammar may end (even with ignore_eos)
-                    reason = "stop"
-            elif token in self.model_spec.eos_token_ids and seq.matcher.dead_end:
-                # The grammar goes on only with characters no token holds: the mask let the sequence end here.
-                log.warning("constraint cannot be continued in this vocabulary %s", kv(request_id=seq.request_id))
-                reason = "stop"
-            else:   # the mask allows only what the grammar accepts: a bug, never the user's
-                log.error("constrained token refused by its grammar %s", kv(request_id=seq.request_id, token=token))
-                reason = "error"
+            reason = finish_reason(seq, token, self.model_spec.eos_token_ids) or reason
         output = SequenceOutput([token], reason, [logprobs] if logprobs is not None else [], **timings)
         if reason:
             self.finish(seq, reason, output)
@@ -323,13 +257,6 @@ class Engine:
                     self.scheduler.prefix_hit_tokens, self.guesses_verified, self.guesses_accepted)
         metrics.publish(self.stats(), counters, self._reported)
         self._reported = counters
-
-
-def _close_matchers(seqs: list[Sequence]) -> None:
-    for seq in seqs:
-        if seq.matcher is not None:
-            seq.matcher.close()
-            seq.matcher = None
 
 
 def _grouped(chunks: list[ScheduledChunk], key: Callable[[ScheduledChunk], Hashable]) -> dict:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
 
 from engine_service.sequence import Sequence
 
@@ -28,9 +30,18 @@ class Inbox:
             self._pending += 1
         self._queue.put(("add", seq))
 
-    def call(self, function: Callable[[], None]) -> None:
-        """Runs function on the loop thread between steps (work on the scheduler's or the cache's state)."""
-        self._queue.put(("call", function))
+    def call(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Runs function(*args) on the loop thread between steps (work on the scheduler's or the cache's state);
+        its result or exception in the future."""
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function(*args))
+            except Exception as exc:
+                future.set_exception(exc)
+        self._queue.put(("call", run))
+        return future
 
     def abort(self, request_id: str) -> None:
         self._queue.put(("abort", request_id))

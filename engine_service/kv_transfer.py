@@ -24,10 +24,11 @@ import torch
 from common.security import TlsFiles, aio_channel
 from common.server import GRPC_OPTIONS
 from engine_service import metrics
-from engine_service.engine import Engine
+from engine_service.decoding.base import Plain
+from engine_service.engine import Engine, EngineFullError, RequestError
 from engine_service.kv_cache import KVCache
 from engine_service.sampling import SamplingParams
-from engine_service.sequence import Sequence, SequenceOutput, TokenLogprobs
+from engine_service.sequence import Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
 from engine_service.streams import logprobs_to_proto
 from engine_service.structured_output import CompiledGrammar
 from splitserve.v1 import common_pb2, engine_pb2, engine_pb2_grpc
@@ -169,7 +170,7 @@ class PrefillPeers:
         """Fills seq's KV cache from the prefill engine and joins it to the running batch; returns the seconds the
         transfer took. Raises TransferError (seq then ended and its blocks freed) or EngineFullError."""
         address = request.prefill_engine_address
-        skip = await asyncio.wrap_future(self.engine.receive(seq))
+        skip = await asyncio.wrap_future(self.engine.call_in_loop(start_receiving, self.engine, seq))
         metrics.KV_TRANSFER_SKIPPED_BLOCKS.inc(skip)
         started, received, joined = time.perf_counter(), 0, False
         call = None
@@ -180,12 +181,14 @@ class PrefillPeers:
             async for chunk in call:
                 if chunk.done:
                     logprobs = logprobs_from_proto(chunk.first_logprobs) if chunk.HasField("first_logprobs") else None
-                    await asyncio.wrap_future(self.engine.join_transferred(seq, chunk.first_token_id, logprobs))
+                    await asyncio.wrap_future(self.engine.call_in_loop(join_received, self.engine, seq, chunk.first_token_id,
+                                                                         logprobs))
                     joined = True
                     break
                 data = decode(chunk, self.layout)
                 try:
-                    await asyncio.wrap_future(self.engine.write_transferred(seq, chunk.first_block, data))
+                    await asyncio.wrap_future(self.engine.call_in_loop(write_received, self.engine, seq, chunk.first_block,
+                                                                             data))
                 except ValueError as exc:
                     raise TransferError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
                 received += len(chunk.payload)
@@ -204,6 +207,50 @@ class PrefillPeers:
         seconds = time.perf_counter() - started
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(seconds)
         return seconds
+
+
+def transferable(seq: Sequence) -> bool:
+    """Whether a prefill engine may compute the prompt: plain decoding only (beam and contrastive search and the
+    guessing strategies keep per-request state built during the prompt's own prefill)."""
+    return type(seq.strategy) is Plain
+
+
+# -- the decode side's steps, each run on the engine's loop thread (Engine.call_in_loop) -------------------------
+def start_receiving(engine: Engine, seq: Sequence) -> int:
+    """Gives seq blocks for its prompt: its longest cached prefix, fresh blocks for the rest. Returns the number
+    of leading blocks it already holds (the prefill engine skips them); EngineFullError when there is no room."""
+    if seq.request_id in engine.live:
+        raise RequestError(f"request {seq.request_id!r} is already running")
+    blocks = engine.scheduler.blocks
+    queried = blocks.match_prefix(seq)
+    if not blocks.can_allocate(seq, seq.num_tokens):
+        blocks.free(seq)
+        raise EngineFullError("the engine's KV cache has no room for the prompt")
+    blocks.allocate(seq, seq.num_tokens)
+    engine.scheduler.prefix_queried_tokens += queried
+    engine.scheduler.prefix_hit_tokens += seq.num_computed
+    seq.status = SequenceStatus.RECEIVING
+    seq.first_scheduled_time = time.perf_counter()
+    engine.live[seq.request_id] = seq       # from now on an abort frees its blocks
+    return seq.num_computed // blocks.block_size
+
+
+def write_received(engine: Engine, seq: Sequence, first_block: int, data: torch.Tensor) -> None:
+    """Writes received blocks [first_block, first_block + n) of seq's prompt (a KVCache.read_blocks tensor)."""
+    if seq.status is not SequenceStatus.RECEIVING:   # aborted: its blocks may belong to another sequence now
+        return
+    block_size = engine.runner.block_size
+    count = data.shape[3] // block_size
+    if first_block < seq.num_computed // block_size or first_block + count > len(seq.block_table):
+        raise ValueError(f"blocks [{first_block}, {first_block + count}) are not this prompt's to receive")
+    engine.runner.cache.write_blocks(seq.block_table[first_block:first_block + count], block_size, data)
+
+
+def join_received(engine: Engine, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
+    """The prompt's KV cache is complete: seq joins the running batch with its first token (computed by the
+    prefill engine). A sequence aborted meanwhile stays ended."""
+    if seq.status is SequenceStatus.RECEIVING:
+        engine.join_running(seq, token, logprobs)
 
 
 def _transfer_error(exc: grpc.aio.AioRpcError, address: str) -> TransferError:

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -34,7 +36,7 @@ import torch
 import xgrammar as xgr
 from transformers import AutoTokenizer
 
-from common.logs import clip
+from common.logs import clip, kv
 from engine_service import metrics
 from engine_service.sampling import StructuredOutput
 
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from engine_service.sequence import Sequence
 
 CompiledGrammar = xgr.CompiledGrammar
+log = logging.getLogger("splitserve.engine")
 COMPILE_CACHE_SIZE = 256          # compiled constraints kept (a JSON schema's tables take ~0.1-1 MB)
 COMPILE_THREADS = 2
 MAX_REASON_CHARS = 200
@@ -102,8 +105,14 @@ class Grammars:
             return compiled
         return await asyncio.shield(pending)
 
-    def matcher(self, compiled: CompiledGrammar) -> Matcher:
-        return Matcher(xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids), self.vocab_size)
+    def matcher(self, compiled: CompiledGrammar, replayed: Iterable[int] = ()) -> Matcher:
+        """A fresh grammar state, advanced over `replayed` (a failover's tokens, generated under the same
+        constraint by the engine that was lost); ConstraintError when they do not satisfy it."""
+        matcher = Matcher(xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids), self.vocab_size)
+        if not all(matcher.accept(token) for token in replayed):
+            matcher.close()
+            raise ConstraintError("replayed_tokens do not satisfy the request's structured_output constraint")
+        return matcher
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -208,6 +217,28 @@ class Matcher:
         with Matcher._live_lock:
             Matcher.live -= 1
         self._matcher = None
+
+
+def finish_reason(seq: Sequence, token: int, eos_token_ids: tuple[int, ...] | list[int]) -> str:
+    """Advances seq's matcher by its new token: "stop" when the constraint is complete (a stop token where the
+    grammar may end, even with ignore_eos) or cannot go on in this vocabulary, "error" when the grammar refuses a
+    token (the mask allows only what it accepts: a bug, never the user's), else ""."""
+    if seq.matcher.accept(token):
+        return "stop" if seq.matcher.terminated else ""
+    if token in eos_token_ids and seq.matcher.dead_end:
+        # The grammar goes on only with characters no token holds: the mask let the sequence end here.
+        log.warning("constraint cannot be continued in this vocabulary %s", kv(request_id=seq.request_id))
+        return "stop"
+    log.error("constrained token refused by its grammar %s", kv(request_id=seq.request_id, token=token))
+    return "error"
+
+
+def close_matchers(seqs: Iterable[Sequence]) -> None:
+    """Gives back the matchers of these sequences (a request's own and its beams' or completions')."""
+    for seq in seqs:
+        if seq.matcher is not None:
+            seq.matcher.close()
+            seq.matcher = None
 
 
 def mask_rows(logits: torch.Tensor, seqs: list[Sequence], ahead: list[list[int]]) -> torch.Tensor:

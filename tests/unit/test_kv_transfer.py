@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from engine_service.engine import EngineFullError
-from engine_service.kv_transfer import KvExport, TransferError, decode, encode, layout_of
+from engine_service.kv_transfer import (KvExport, TransferError, decode, encode, join_received, layout_of,
+                                        start_receiving, write_received)
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import SequenceOutput
 from tests.helpers import reference_greedy
@@ -46,20 +47,20 @@ def test_transferred_blocks_continue_like_a_local_prefill(engines, tiny_model):
     prefill, decoding = engines
     collector = Collector()
     seq = decoding.new_sequence("moved", PROMPT, SamplingParams(max_tokens=12), collector.callback("moved"))
-    skip = decoding.receive(seq).result(30)
+    skip = decoding.call_in_loop(start_receiving, decoding, seq).result(30)
     chunks, first = export_prompt(prefill, "moved", skip)
     assert len(chunks) >= 2 and chunks[0].first_block == skip       # sent as the two prefill steps ended
     layout = layout_of(decoding)
     for chunk in chunks:
-        decoding.write_transferred(seq, chunk.first_block, decode(chunk, layout)).result(30)
-    decoding.join_transferred(seq, first, None).result(30)
+        decoding.call_in_loop(write_received, decoding, seq, chunk.first_block, decode(chunk, layout)).result(30)
+    decoding.call_in_loop(join_received, decoding, seq, first, None).result(30)
     collector.wait(1)
     assert collector.tokens["moved"] == reference_greedy(tiny_model, PROMPT, 12)
     assert decoding.stats().kv_blocks_used == 0 and prefill.stats().kv_blocks_used == 0
 
     # The same prompt again: the decode engine holds its full blocks now and asks only for the partial last one.
     again = decoding.new_sequence("again", PROMPT, SamplingParams(max_tokens=1), lambda output: None)
-    assert decoding.receive(again).result(30) == len(PROMPT) // 16
+    assert decoding.call_in_loop(start_receiving, decoding, again).result(30) == len(PROMPT) // 16
     decoding.abort("again")
     assert _idle(decoding)
 
@@ -78,17 +79,17 @@ def test_a_corrupted_chunk_is_refused(engines):
 def test_a_full_decode_engine_refuses_and_an_abort_frees_the_blocks(tiny_model_dir, engines):
     _, decoding = engines
     half = decoding.new_sequence("half", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
-    decoding.receive(half).result(30)
+    decoding.call_in_loop(start_receiving, decoding, half).result(30)
     assert decoding.stats().kv_blocks_used > 0
     decoding.abort("half")                      # the prefill side died mid-transfer
     assert _idle(decoding)
     small = make_engine(tiny_model_dir, kv_blocks=8)    # room for one prompt of 7 blocks
     try:
         first = small.new_sequence("first", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
-        small.receive(first).result(30)
+        small.call_in_loop(start_receiving, small, first).result(30)
         second = small.new_sequence("second", PROMPT[::-1], SamplingParams(max_tokens=4), lambda output: None)
         with pytest.raises(EngineFullError):
-            small.receive(second).result(30)
+            small.call_in_loop(start_receiving, small, second).result(30)
         small.abort("first")
         assert _idle(small)
     finally:
@@ -97,5 +98,5 @@ def test_a_full_decode_engine_refuses_and_an_abort_frees_the_blocks(tiny_model_d
 
 def _idle(engine) -> bool:
     """Waits (through the loop's own queue) until the commands posted so far ran; True when no block is held."""
-    engine._in_loop(lambda: None).result(30)   # the loop runs commands in order: the abort ran before it
+    engine.call_in_loop(lambda: None).result(30)   # the loop runs commands in order: the abort ran before it
     return engine.stats().kv_blocks_used == 0
