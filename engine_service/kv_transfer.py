@@ -25,7 +25,6 @@ import torch
 from common.security import TlsFiles, aio_channel
 from common.server import GRPC_OPTIONS
 from engine_service import metrics
-from engine_service.decoding.base import Plain
 from engine_service.engine import Engine, EngineFullError, RequestError
 from engine_service.kv_cache import KVCache
 from engine_service.sampling import SamplingParams
@@ -211,12 +210,6 @@ class PrefillPeers:
         seconds = time.perf_counter() - started
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(seconds)
         return seconds
-
-
-def transferable(seq: Sequence) -> bool:
-    """Whether a prefill engine may compute the prompt: plain decoding only (beam and contrastive search and the
-    guessing strategies keep per-request state built during the prompt's own prefill)."""
-    return type(seq.strategy) is Plain
 
 
 # -- the decode side's steps, each run on the engine's loop thread (Engine.call_in_loop) -------------------------
