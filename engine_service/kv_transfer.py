@@ -17,6 +17,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 import torch
@@ -24,7 +25,6 @@ import torch
 from common.security import TlsFiles, aio_channel
 from common.server import GRPC_OPTIONS
 from engine_service import metrics
-from engine_service.decoding.base import Plain
 from engine_service.engine import Engine, EngineFullError, RequestError
 from engine_service.kv_cache import KVCache
 from engine_service.sampling import SamplingParams
@@ -108,7 +108,8 @@ class KvExport:
 
 
 async def serve_transfer(engine: Engine, request: engine_pb2.KvTransferRequest, params: SamplingParams,
-                         grammar: CompiledGrammar | None, context: grpc.aio.ServicerContext) -> AsyncIterator[engine_pb2.KvTransferChunk]:
+                         grammar: CompiledGrammar | None, context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[engine_pb2.KvTransferChunk]:
     """The prefill side of TransferKV: runs the prompt for its first token and yields its blocks, then the token."""
     ours = layout_of(engine)
     if request.layout != ours:
@@ -166,11 +167,15 @@ class PrefillPeers:
             stub = self._stubs[address] = engine_pb2_grpc.EngineStub(aio_channel(address, self.tls, GRPC_OPTIONS))
         return stub
 
+    async def _in_loop(self, function: Callable[..., Any], *args: Any) -> Any:
+        """function(engine, *args) on the engine's loop thread."""
+        return await asyncio.wrap_future(self.engine.call_in_loop(function, self.engine, *args))
+
     async def transfer(self, seq: Sequence, request: engine_pb2.PrefillRequest, timeout: float | None) -> float:
         """Fills seq's KV cache from the prefill engine and joins it to the running batch; returns the seconds the
         transfer took. Raises TransferError (seq then ended and its blocks freed) or EngineFullError."""
         address = request.prefill_engine_address
-        skip = await asyncio.wrap_future(self.engine.call_in_loop(start_receiving, self.engine, seq))
+        skip = await self._in_loop(start_receiving, seq)
         metrics.KV_TRANSFER_SKIPPED_BLOCKS.inc(skip)
         started, received, joined = time.perf_counter(), 0, False
         call = None
@@ -181,14 +186,12 @@ class PrefillPeers:
             async for chunk in call:
                 if chunk.done:
                     logprobs = logprobs_from_proto(chunk.first_logprobs) if chunk.HasField("first_logprobs") else None
-                    await asyncio.wrap_future(self.engine.call_in_loop(join_received, self.engine, seq, chunk.first_token_id,
-                                                                         logprobs))
+                    await self._in_loop(join_received, seq, chunk.first_token_id, logprobs)
                     joined = True
                     break
                 data = decode(chunk, self.layout)
                 try:
-                    await asyncio.wrap_future(self.engine.call_in_loop(write_received, self.engine, seq, chunk.first_block,
-                                                                             data))
+                    await self._in_loop(write_received, seq, chunk.first_block, data)
                 except ValueError as exc:
                     raise TransferError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
                 received += len(chunk.payload)
@@ -207,12 +210,6 @@ class PrefillPeers:
         seconds = time.perf_counter() - started
         metrics.KV_TRANSFER_SECONDS.labels(direction="received").observe(seconds)
         return seconds
-
-
-def transferable(seq: Sequence) -> bool:
-    """Whether a prefill engine may compute the prompt: plain decoding only (beam and contrastive search and the
-    guessing strategies keep per-request state built during the prompt's own prefill)."""
-    return type(seq.strategy) is Plain
 
 
 # -- the decode side's steps, each run on the engine's loop thread (Engine.call_in_loop) -------------------------

@@ -176,7 +176,8 @@ class Sampler:
                 extra_ids: list[list[int]] | None = None) -> torch.Tensor:
         """[rows, vocab] float32 logits after each row's processors (-inf where filtered). A constrained row's
         grammar mask comes first (after extra_ids[row]). Penalties count the row's prompt and output plus
-        extra_ids[row] (draft tokens before that row); the warpers apply to sampled rows only. Rows may repeat a sequence. Never modifies `logits`; when nothing applies, returns
+        extra_ids[row] (draft tokens before that row); the warpers apply to sampled rows only. Rows may repeat a
+        sequence. Never modifies `logits`; when nothing applies, returns
         logits.float() (the caller's tensor itself if already float32: a plain greedy batch costs no copy)."""
         extra = extra_ids or [[] for _ in seqs]
         params = [seq.params for seq in seqs]

@@ -13,7 +13,7 @@ import grpc
 from common.disaggregation import PREFILL_UNAVAILABLE
 from common.security import TlsFiles
 from engine_service.engine import Engine, EngineFullError
-from engine_service.kv_transfer import PrefillPeers, TransferError, serve_transfer, transferable
+from engine_service.kv_transfer import PrefillPeers, TransferError, serve_transfer
 from engine_service.sampling import SamplingParams, StructuredOutput
 from engine_service.streams import OutputStreams, ended_early
 from engine_service.structured_output import CompiledGrammar
@@ -88,7 +88,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
         try:
             seq = self.engine.new_sequence(request_id, list(request.prompt_token_ids), params, on_output,
                                            request.replayed_tokens, grammar)
-            remote = bool(request.prefill_engine_address) and transferable(seq)
+            remote = bool(request.prefill_engine_address) and seq.strategy.prefill_elsewhere
             if not remote:
                 self.engine.add_sequence(seq)
         except EngineFullError as exc:

@@ -8,7 +8,7 @@ draws every row at once, the draft model guesses for all speculative sequences i
 
 An instance (one per request) holds that request's state and answers the scheduler: `span` (positions past the
 cache its next step may write), `scratch_rows` (rows it may put in the cache's scratch slots), `members` (the
-sequences that compute: the request's own, or its beams) and `prefix_cacheable`.
+sequences that compute: the request's own, or its beams), `prefix_cacheable` and `prefill_elsewhere`.
 """
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ class Step(Protocol):
 class Strategy:
     """One request's decoding. The defaults are plain decoding: no guesses, one token per step from the sampler."""
     prefix_cacheable = True    # False: every prompt token must be computed (contrastive needs their hidden states)
+    # Whether a prefill engine may compute the prompt (disaggregated serving): not when the strategy builds its own
+    # state during the prompt's prefill (beams, contrastive hidden states, drafts and n-gram pools).
+    prefill_elsewhere = False
 
     def span(self, seq: Sequence) -> int:
         """Positions past seq.num_computed the next step may write when it is a strategy step; 0: a plain chunk."""
@@ -92,6 +95,7 @@ class Strategy:
 
 class Plain(Strategy):
     """Greedy or sampled decoding, one token per step: the interface's defaults."""
+    prefill_elsewhere = True
 
 
 class Guessing(Strategy):
