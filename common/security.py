@@ -50,16 +50,30 @@ class ApiKeys:
         constant time, so the answer's timing says nothing about which key or how much of it matched."""
         if not self._keys:
             return True
-        if not authorization or authorization[:len(BEARER)].lower() != BEARER:
+        token = bearer_token(authorization)
+        if token is None:
             return False
         try:
-            given = authorization[len(BEARER):].strip().encode()
+            given = token.encode()
         except UnicodeError:   # a header byte that is not UTF-8 (aiohttp hands it over as a lone surrogate)
             return False
         matched = False
         for key in self._keys:
             matched |= hmac.compare_digest(given, key)
         return matched
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` value (any case of "Bearer"); None for any other value."""
+    if not authorization or authorization[:len(BEARER)].lower() != BEARER:
+        return None
+    return authorization[len(BEARER):].strip()
+
+
+def authorization_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The `authorization` value of a gRPC call's metadata (None when absent or binary)."""
+    value = next((value for key, value in metadata or () if key == "authorization"), None)
+    return value if isinstance(value, str) else None
 
 
 UNAUTHORIZED_MESSAGE = "a valid API key is required: send it as 'authorization: Bearer <key>'"
@@ -76,9 +90,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
             return handler
-        authorization = next((value for key, value in details.invocation_metadata or ()
-                              if key == "authorization"), None)
-        if self.keys.allows(authorization if isinstance(authorization, str) else None):
+        if self.keys.allows(authorization_of(details.invocation_metadata)):
             return handler
         return _refusing(handler)
 

@@ -12,16 +12,16 @@ from contextlib import contextmanager
 
 import grpc
 
-from common.security import BEARER
+from common.security import bearer_token
 from gateway.errors import GatewayError
 
 
 def client_of(authorization: str | None, address: str | None, keyed: bool) -> str:
     """The name the cap counts under: `key:<digest>` when keys are required (the key was already checked), else
     `addr:<host>` (without the port: one machine's connections count together)."""
-    if keyed and authorization and authorization[:len(BEARER)].lower() == BEARER:
-        secret = authorization[len(BEARER):].strip().encode(errors="replace")
-        return "key:" + hashlib.sha256(secret).hexdigest()[:12]
+    token = bearer_token(authorization) if keyed else None
+    if token is not None:
+        return "key:" + hashlib.sha256(token.encode(errors="replace")).hexdigest()[:12]
     return "addr:" + host_of(address or "")
 
 

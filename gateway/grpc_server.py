@@ -6,6 +6,7 @@ from contextlib import aclosing
 
 import grpc
 
+from common.security import authorization_of
 from gateway.client_limit import client_of
 from gateway.errors import GatewayError
 from gateway.front_door import FrontDoor
@@ -22,9 +23,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        authorization = next((value for key, value in context.invocation_metadata() or () if key == "authorization"),
-                             None)
-        client = client_of(authorization, context.peer(), self.keyed)
+        client = client_of(authorization_of(context.invocation_metadata()), context.peer(), self.keyed)
         try:
             async with aclosing(self.service.generate(request, deadline, client)) as chunks:
                 async for chunk in chunks:
