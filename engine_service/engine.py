@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
@@ -20,22 +20,19 @@ import torch
 
 from common.logs import kv
 from engine_service import metrics
-from engine_service.decoding import make_strategy
-from engine_service.decoding.base import StepResult, Strategy
+from engine_service.decoding import by_strategy, grouped
+from engine_service.decoding.base import StepResult
 from engine_service.inbox import EngineFullError, Inbox
+from engine_service.intake import Intake
 from engine_service.model_runner import ModelRunner, StepOutput
 from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.scheduler import EngineStats, ScheduledChunk, Scheduler
 from engine_service.sequence import OutputCallback, Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
-from engine_service.structured_output import CompiledGrammar, Grammars, Matcher, close_matchers, finish_reason
+from engine_service.structured_output import Grammars, Matcher, close_matchers, finish_reason
 
-__all__ = ["Engine", "EngineFullError", "EngineStats", "RequestError"]
+__all__ = ["Engine", "EngineFullError", "EngineStats"]
 log = logging.getLogger("splitserve.engine")
-
-
-class RequestError(ValueError):
-    """A request the engine cannot take as it is (the servicer answers INVALID_ARGUMENT)."""
 
 
 class Engine:
@@ -49,12 +46,12 @@ class Engine:
         self.runner = runner
         self.model_spec = runner.model_spec
         num_layers = len(runner.fast.layers) if runner.fast is not None else 0
-        self.draft_layers = max(0, min(num_layers // 4 if draft_layers < 0 else draft_layers, num_layers - 1))
+        draft_layers = max(0, min(num_layers // 4 if draft_layers < 0 else draft_layers, num_layers - 1))
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens, runner.cache.scratch_slots)
         self.sampler = Sampler(runner.device)
         self.grammars = Grammars(runner.model_path, self.model_spec.vocab_size, self.model_spec.eos_token_ids)
-        # The Step's plain parts (engine_service.decoding.base) are the runner's and the block manager's own.
-        self.forward, self.fork, self.free = runner.forward, runner.fork, self.scheduler.blocks.free
+        self.intake = Intake(self.model_spec, max_num_seqs, draft_layers, self.grammars)
+        self.forward, self.fork, self.free = runner.forward, runner.fork, self.scheduler.blocks.free   # Step's
         self.guesses_verified = 0           # guessed tokens that speculative and lookahead steps verified
         self.guesses_accepted = 0           # tokens those steps produced beyond the first
         self._inbox = Inbox(max_waiting)
@@ -75,48 +72,21 @@ class Engine:
         self.grammars.shutdown()
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    on_output: OutputCallback, num_replayed: int = 0,
-                    grammar: CompiledGrammar | None = None) -> Sequence:
-        """Queues a sequence; on_output is called from the loop thread with each new token and the finish.
-        num_replayed: the prompt's last tokens were generated for this request elsewhere (a failover's replay).
-        A request with a structured_output constraint brings it compiled (`grammars.compile`, awaited off the
-        step loop). The returned sequence belongs to the loop thread: read it only once it finished."""
-        seq = self.new_sequence(request_id, prompt_ids, params, on_output, num_replayed, grammar)
+                    on_output: OutputCallback) -> Sequence:
+        """Checks and queues a request (intake.sequence, then add_sequence); on_output is called from the loop
+        thread with each new token and the finish. The sequence belongs to the loop thread: read it once finished."""
+        seq = self.intake.sequence(request_id, prompt_ids, params, on_output)
         self.add_sequence(seq)
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
-        """Queues a sequence made by new_sequence. Raises EngineFullError."""
+        """Queues a sequence made by intake.sequence (which takes a failover's replayed tokens and a compiled
+        constraint too). Raises EngineFullError."""
         try:
             self._inbox.add(seq, len(self.scheduler.waiting))
         except EngineFullError:
             close_matchers([seq])
             raise
-
-    def new_sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                     on_output: OutputCallback, num_replayed: int = 0,
-                     grammar: CompiledGrammar | None = None) -> Sequence:
-        """A checked sequence with its decoding strategy and constraint, not yet queued. Raises RequestError."""
-        params.validate()
-        if params.num_beams > self.scheduler.max_num_seqs:   # its beams could never all run at once
-            raise RequestError(f"num_beams {params.num_beams} is more than this engine runs at once "
-                               f"(--max-num-seqs {self.scheduler.max_num_seqs})")
-        spec = self.model_spec
-        if not 0 <= num_replayed < len(prompt_ids):
-            raise RequestError(f"replayed_tokens must be in [0, {len(prompt_ids)}), got {num_replayed}")
-        seq = Sequence(request_id=request_id, prompt_ids=list(prompt_ids), params=params, on_output=on_output,
-                       num_replayed=num_replayed)
-        try:
-            spec.check_prompt(seq.prompt_ids)
-            spec.check_token_ids(params)
-            seq.strategy = make_strategy(seq, spec.max_context_length, self.draft_layers, spec.eos_token_ids)
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
-        if params.structured_output is not None:
-            if grammar is None:
-                raise RequestError("structured_output must be compiled before the request is queued")
-            seq.matcher = self.grammars.matcher(grammar, seq.prompt_ids[len(seq.prompt_ids) - num_replayed:])
-        return seq
 
     def call_in_loop(self, function: Callable[..., Any], *args: Any) -> Future[Any]:
         """Runs function(*args) on the loop thread, between steps; its result or exception in the future."""
@@ -171,7 +141,7 @@ class Engine:
             # Find the requests that fail on their own; they end with "error", the rest of the batch goes on. (A
             # request's chunks go together: its beams share its id.) Writing keys/values again is harmless.
             log.exception("engine step failed; retrying its requests one by one")
-            for request_id, request_chunks in _grouped(chunks, lambda c: c.seq.request_id).items():
+            for request_id, request_chunks in grouped(chunks, lambda c: c.seq.request_id).items():
                 try:
                     self._run(request_chunks)
                 except Exception as exc:
@@ -181,7 +151,7 @@ class Engine:
 
     def _run(self, chunks: list[ScheduledChunk]) -> None:
         """plan -> forward -> accept, each strategy over its own chunks at once."""
-        planned = [c for kind, group in _by_strategy(chunks).items() for c in kind.plan(group, self)]
+        planned = [c for kind, group in by_strategy(chunks).items() for c in kind.plan(group, self)]
         if not planned:
             return
         out = self.runner.forward(planned)
@@ -190,7 +160,7 @@ class Engine:
             c.seq.num_steps += 1
             if c.tree is None:
                 self._advance(c.seq, c.end)
-        for kind, group in _by_strategy(planned).items():
+        for kind, group in by_strategy(planned).items():
             kind.accept(group, out, self)
 
     def _advance(self, seq: Sequence, num_computed: int) -> None:
@@ -229,26 +199,17 @@ class Engine:
     def join_running(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         """(Loop thread.) seq's prompt is in the cache (its KV blocks received): it joins the running batch with
         its first token, computed elsewhere."""
-        seq.num_computed = seq.num_tokens
-        self.scheduler.blocks.register_full_blocks(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(seq)
+        self.scheduler.join_running(seq)
         self._now = time.perf_counter()
         self._append_token(seq, token, logprobs)
 
     def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
-        seq.output_ids.append(token)
-        timings = {}
-        if seq.first_token_time is None:
-            seq.first_token_time = self._now
-            timings = {"queue_seconds": seq.first_scheduled_time - seq.arrival_time,
-                       "prefill_seconds": self._now - seq.first_scheduled_time}
-        reason = seq.stop_reason(self.model_spec.eos_token_ids, self.model_spec.max_context_length)
-        if seq.matcher is not None:
-            reason = finish_reason(seq, token, self.model_spec.eos_token_ids) or reason
-        output = SequenceOutput([token], reason, [logprobs] if logprobs is not None else [], **timings)
-        if reason:
-            self.finish(seq, reason, output)
+        spec = self.model_spec
+        output = seq.append_token(token, logprobs, self._now, spec.eos_token_ids, spec.max_context_length)
+        if seq.matcher is not None and (reason := finish_reason(seq, token, spec.eos_token_ids)):
+            output = replace(output, finish_reason=reason)
+        if output.finish_reason:
+            self.finish(seq, output.finish_reason, output)
         else:
             seq.on_output(output)
 
@@ -258,13 +219,3 @@ class Engine:
         metrics.publish(self.stats(), counters, self._reported)
         self._reported = counters
 
-
-def _grouped(chunks: list[ScheduledChunk], key: Callable[[ScheduledChunk], Hashable]) -> dict:
-    groups: dict[Hashable, list[ScheduledChunk]] = {}
-    for c in chunks:
-        groups.setdefault(key(c), []).append(c)
-    return groups
-
-
-def _by_strategy(chunks: list[ScheduledChunk]) -> dict[type[Strategy], list[ScheduledChunk]]:
-    return _grouped(chunks, lambda c: type(c.seq.strategy))

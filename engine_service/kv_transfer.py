@@ -25,7 +25,8 @@ import torch
 from common.security import TlsFiles, aio_channel
 from common.server import GRPC_OPTIONS
 from engine_service import metrics
-from engine_service.engine import Engine, EngineFullError, RequestError
+from engine_service.engine import Engine, EngineFullError
+from engine_service.intake import RequestError
 from engine_service.kv_cache import KVCache
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence, SequenceOutput, SequenceStatus, TokenLogprobs
@@ -124,7 +125,7 @@ async def serve_transfer(engine: Engine, request: engine_pb2.KvTransferRequest, 
 
     block_bytes = (2 * ours.num_layers * ours.num_kv_heads * ours.block_size * ours.head_dim
                    * engine.runner.cache.k[0].element_size())
-    seq = engine.new_sequence(request.request_id, list(request.prompt_token_ids), replace(params, max_tokens=1),
+    seq = engine.intake.sequence(request.request_id, list(request.prompt_token_ids), replace(params, max_tokens=1),
                               post, request.replayed_tokens, grammar)   # the first token obeys the constraint too
     seq.export = KvExport(max(0, request.skip_blocks), ours.block_size, block_bytes, post)
     engine.add_sequence(seq)

@@ -74,13 +74,20 @@ class Scheduler:
         return EngineStats(running=len(self.running), waiting=len(self.waiting),
                            kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used)
 
+    def join_running(self, seq: Sequence) -> None:
+        """seq's prompt is in the cache already (its KV blocks received from a prefill engine): it runs from now."""
+        seq.num_computed = seq.num_tokens
+        self.blocks.register_full_blocks(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Removes seq wherever it is and frees its blocks (and its beams')."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        # RECEIVING: in neither queue until its transferred KV cache is complete (Engine.join_transferred)
+        # RECEIVING: in neither queue until its transferred KV cache is complete (Scheduler.join_running)
         for member in seq.strategy.members(seq):
             self.blocks.free(member)
         self.blocks.free(seq)

@@ -88,6 +88,19 @@ class Sequence:
             return self.prompt_ids[start:end]
         return (self.prompt_ids + self.output_ids)[start:end]
 
+    def append_token(self, token: int, logprobs: TokenLogprobs | None, now: float, eos_token_ids: tuple[int, ...],
+                     max_context: int) -> SequenceOutput:
+        """Appends a token generated at `now`: the output to deliver, ending the sequence if its finish_reason is
+        set (the first token also carries the time queued and in prefill)."""
+        self.output_ids.append(token)
+        timings = {}
+        if self.first_token_time is None:
+            self.first_token_time = now
+            timings = {"queue_seconds": self.first_scheduled_time - self.arrival_time,
+                       "prefill_seconds": now - self.first_scheduled_time}
+        return SequenceOutput([token], self.stop_reason(eos_token_ids, max_context),
+                              [logprobs] if logprobs is not None else [], **timings)
+
     def stop_reason(self, eos_token_ids: tuple[int, ...], max_context: int) -> str:
         """Why the sequence ends after its last token: "stop", "length", or "" (it goes on)."""
         token, params = self.output_ids[-1], self.params

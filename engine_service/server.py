@@ -86,7 +86,7 @@ class EngineServicer(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {request_id!r} is already running")
         stream, on_output = self.streams.open(request_id)
         try:
-            seq = self.engine.new_sequence(request_id, list(request.prompt_token_ids), params, on_output,
+            seq = self.engine.intake.sequence(request_id, list(request.prompt_token_ids), params, on_output,
                                            request.replayed_tokens, grammar)
             remote = bool(request.prefill_engine_address) and seq.strategy.prefill_elsewhere
             if not remote:

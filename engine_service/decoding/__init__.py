@@ -4,12 +4,18 @@ sampler does the work), speculative decoding (`speculative`), lookahead decoding
 (`contrastive`) and beam search (`beam`); `tree` holds the draft trees the guessing strategies add to a step."""
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from typing import TypeVar
+
 from engine_service.decoding.base import Plain, Strategy
 from engine_service.decoding.beam import BeamGroup
 from engine_service.decoding.contrastive import MAX_CONTRASTIVE_TOP_K, Contrastive
 from engine_service.decoding.lookahead import LookaheadStrategy
 from engine_service.decoding.speculative import Speculative
+from engine_service.scheduler import ScheduledChunk
 from engine_service.sequence import Sequence
+
+Item = TypeVar("Item")
 
 
 def make_strategy(seq: Sequence, context: int, draft_layers: int, eos_token_ids: tuple[int, ...]) -> Strategy:
@@ -39,3 +45,16 @@ def make_strategy(seq: Sequence, context: int, draft_layers: int, eos_token_ids:
         return Speculative(params.speculative, params.num_speculative_tokens, params.prompt_lookup_max_ngram,
                            context, draft_layers)
     return Plain()
+
+
+def grouped(items: list[Item], key: Callable[[Item], Hashable]) -> dict[Hashable, list[Item]]:
+    """items by key, each group in the items' order."""
+    groups: dict[Hashable, list[Item]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
+def by_strategy(chunks: list[ScheduledChunk]) -> dict[type[Strategy], list[ScheduledChunk]]:
+    """A step's chunks by their sequences' kind of strategy: each kind plans and accepts its chunks at once."""
+    return grouped(chunks, lambda c: type(c.seq.strategy))

@@ -8,7 +8,8 @@ import threading
 import pytest
 import torch
 
-from engine_service.engine import Engine, EngineFullError, RequestError
+from engine_service.engine import Engine, EngineFullError
+from engine_service.intake import RequestError
 from engine_service.model_runner import ModelRunner
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import SequenceOutput
@@ -43,13 +44,14 @@ class Collector:
 
 
 def make_engine(model_dir, kv_blocks: int = 4096, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
-                max_waiting: int = 1000, fast_path: bool = True, prefix_caching: bool = True) -> Engine:
+                max_waiting: int = 1000, fast_path: bool = True, prefix_caching: bool = True,
+                draft_layers: int = 0) -> Engine:
     runner = ModelRunner(str(model_dir), "tiny", torch.device("cpu"), torch.float32,
                          kv_cache_bytes=kv_blocks * BLOCK_BYTES, block_size=16, max_model_len=0,
                          fast_path=fast_path, prefix_caching=prefix_caching)
     assert (runner.fast is not None) == fast_path
     assert runner.blocks.num_blocks == kv_blocks
-    engine = Engine(runner, max_num_seqs, max_num_batched_tokens, max_waiting)
+    engine = Engine(runner, max_num_seqs, max_num_batched_tokens, max_waiting, draft_layers)
     engine.start()
     return engine
 

@@ -36,7 +36,7 @@ def export_prompt(prefill, request_id: str, skip_blocks: int):
         first.extend(output.token_ids)
         done.set()
 
-    seq = prefill.new_sequence(request_id, PROMPT, SamplingParams(max_tokens=1), on_output)
+    seq = prefill.intake.sequence(request_id, PROMPT, SamplingParams(max_tokens=1), on_output)
     seq.export = KvExport(skip_blocks, 16, BLOCK_BYTES, chunks.append)
     prefill.add_sequence(seq)
     assert done.wait(60)
@@ -46,7 +46,7 @@ def export_prompt(prefill, request_id: str, skip_blocks: int):
 def test_transferred_blocks_continue_like_a_local_prefill(engines, tiny_model):
     prefill, decoding = engines
     collector = Collector()
-    seq = decoding.new_sequence("moved", PROMPT, SamplingParams(max_tokens=12), collector.callback("moved"))
+    seq = decoding.intake.sequence("moved", PROMPT, SamplingParams(max_tokens=12), collector.callback("moved"))
     skip = decoding.call_in_loop(start_receiving, decoding, seq).result(30)
     chunks, first = export_prompt(prefill, "moved", skip)
     assert len(chunks) >= 2 and chunks[0].first_block == skip       # sent as the two prefill steps ended
@@ -59,7 +59,7 @@ def test_transferred_blocks_continue_like_a_local_prefill(engines, tiny_model):
     assert decoding.stats().kv_blocks_used == 0 and prefill.stats().kv_blocks_used == 0
 
     # The same prompt again: the decode engine holds its full blocks now and asks only for the partial last one.
-    again = decoding.new_sequence("again", PROMPT, SamplingParams(max_tokens=1), lambda output: None)
+    again = decoding.intake.sequence("again", PROMPT, SamplingParams(max_tokens=1), lambda output: None)
     assert decoding.call_in_loop(start_receiving, decoding, again).result(30) == len(PROMPT) // 16
     decoding.abort("again")
     assert _idle(decoding)
@@ -78,16 +78,16 @@ def test_a_corrupted_chunk_is_refused(engines):
 
 def test_a_full_decode_engine_refuses_and_an_abort_frees_the_blocks(tiny_model_dir, engines):
     _, decoding = engines
-    half = decoding.new_sequence("half", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
+    half = decoding.intake.sequence("half", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
     decoding.call_in_loop(start_receiving, decoding, half).result(30)
     assert decoding.stats().kv_blocks_used > 0
     decoding.abort("half")                      # the prefill side died mid-transfer
     assert _idle(decoding)
     small = make_engine(tiny_model_dir, kv_blocks=8)    # room for one prompt of 7 blocks
     try:
-        first = small.new_sequence("first", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
+        first = small.intake.sequence("first", PROMPT, SamplingParams(max_tokens=4), lambda output: None)
         small.call_in_loop(start_receiving, small, first).result(30)
-        second = small.new_sequence("second", PROMPT[::-1], SamplingParams(max_tokens=4), lambda output: None)
+        second = small.intake.sequence("second", PROMPT[::-1], SamplingParams(max_tokens=4), lambda output: None)
         with pytest.raises(EngineFullError):
             small.call_in_loop(start_receiving, small, second).result(30)
         small.abort("first")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from engine_service.engine import Engine, RequestError
+from engine_service.engine import Engine
+from engine_service.intake import RequestError
 from engine_service.sampler import Sampler
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence
@@ -23,8 +24,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    engine = make_engine(tiny_model_dir, max_num_batched_tokens=256)
-    engine.draft_layers = 1    # the tiny model has 2 layers: draft with the first
+    engine = make_engine(tiny_model_dir, max_num_batched_tokens=256, draft_layers=1)   # 2 layers: draft with one
     yield engine
     engine.stop()
 
