@@ -56,7 +56,7 @@ class Engine:
         self.guesses_accepted = 0           # tokens those steps produced beyond the first
         self._inbox = Inbox(max_waiting)
         self.live: dict[str, Sequence] = {}       # by request id; owned by the loop thread
-        self._reported = (0, 0, 0, 0, 0)     # counters already exported to Prometheus
+        self._exporter = metrics.Exporter()
         self._now = 0.0                      # when this step's forward pass ended: its tokens' time
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
@@ -214,8 +214,6 @@ class Engine:
             seq.on_output(output)
 
     def _publish_metrics(self) -> None:
-        counters = (self.scheduler.num_preemptions, self.scheduler.prefix_queried_tokens,
-                    self.scheduler.prefix_hit_tokens, self.guesses_verified, self.guesses_accepted)
-        metrics.publish(self.stats(), counters, self._reported)
-        self._reported = counters
-
+        s = self.scheduler
+        self._exporter.publish(self.stats(), (s.num_preemptions, s.prefix_queried_tokens, s.prefix_hit_tokens,
+                                              self.guesses_verified, self.guesses_accepted))

@@ -53,13 +53,19 @@ def observe_step(num_decodes: int, num_chunks: int, seconds: float) -> None:
 _COUNTERS = (PREEMPTIONS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, SPEC_DRAFT_TOKENS, SPEC_ACCEPTED_TOKENS)
 
 
-def publish(stats, counts: tuple[int, ...], reported: tuple[int, ...]) -> None:
-    """The gauges from the engine's stats, and the counters (in _COUNTERS' order) by what they grew since
-    `reported`: the step loop keeps plain integers, exported here between steps."""
-    REQUESTS_RUNNING.set(stats.running)
-    REQUESTS_WAITING.set(stats.waiting)
-    KV_CACHE_USAGE.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
-    STRUCTURED_MATCHERS.set(stats.matchers)
-    for counter, now, before in zip(_COUNTERS, counts, reported):
-        if now > before:
-            counter.inc(now - before)
+class Exporter:
+    """Exports an engine's gauges (from its stats) and its counters (plain integers the step loop keeps, in
+    _COUNTERS' order) by what they grew since the last export: called between steps."""
+
+    def __init__(self) -> None:
+        self.reported = (0,) * len(_COUNTERS)
+
+    def publish(self, stats, counts: tuple[int, ...]) -> None:
+        REQUESTS_RUNNING.set(stats.running)
+        REQUESTS_WAITING.set(stats.waiting)
+        KV_CACHE_USAGE.set(stats.kv_blocks_used / max(1, stats.kv_blocks_total))
+        STRUCTURED_MATCHERS.set(stats.matchers)
+        for counter, now, before in zip(_COUNTERS, counts, self.reported):
+            if now > before:
+                counter.inc(now - before)
+        self.reported = counts
