@@ -202,7 +202,10 @@ def main() -> None:
                     batched, level, round(statistics.mean(len(i) for i in ids[:level])) + n // 2)
 
         progress.set_postfix_str("server load")
-        scenarios["server_load"] = run_server_load(config, stack, out, limits)
+        try:
+            scenarios["server_load"] = run_server_load(config, stack, out, limits)
+        except RuntimeError as exc:   # a short request or a peer that did not start: said, not hidden in figures
+            scenarios["server_load"] = {"systems": {}, "ratios": {}, "error": str(exc)}
         progress.update()
 
         progress.set_postfix_str("structured")

@@ -31,6 +31,8 @@ def table(results: dict) -> str:
         lines.append(f"[{name}]")
         if scenario.get("llama_server_missing"):
             lines.append(f"  llama-server: n/a ({scenario['llama_server_missing']})")
+        if scenario.get("error"):
+            lines.append(f"  failed: {scenario['error']}")
         roofline = scenario.get("roofline") or {}
         for system, figures in scenario["systems"].items():
             fractions = roofline.get(system) or {}

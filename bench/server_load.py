@@ -57,6 +57,8 @@ async def stream_completion(session: aiohttp.ClientSession, url: str, prompt: st
             if data == b"[DONE]":
                 break
             event = json.loads(data)
+            if "error" in event:   # a mid-stream failure (vLLM's and our error event)
+                raise RuntimeError(f"{url} failed mid-stream: {json.dumps(event['error'])[:500]}")
             for choice in event.get("choices") or []:
                 if choice.get("text"):
                     done.chunk_times.append(time.perf_counter())
