@@ -141,7 +141,7 @@ def cost_of(runner: ModelRunner) -> ModelCost:
 def measure(model_path: str) -> Limits:
     """Loads the model as the engine serves it on CPU (fp32, compact decode weights) and measures the limits."""
     runner = ModelRunner(model_path, "roofline", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
-                         block_size=16, max_model_len=0, compact_decode_weights=True)
+                         block_size=16, max_model_len=256, compact_decode_weights=True)   # no step runs: no cache
     notes = []
     with torch.inference_mode():
         rates = {}
