@@ -305,11 +305,12 @@ def run_one(config: BenchConfig, stack: Stack, texts: list[str], out: Path) -> N
     limits = None
     try:
         wait_gateway_ready(stack)
+        info = model_info(stack)
         if config.scenario == "structured":
             scenario = structured_scenario(stack.address("gateway"), stack.ports.engine_metrics, texts,
                                            config.max_tokens)
         else:
-            limits = measure_limits(resolve_model(config.model), model_info(stack).device)
+            limits = measure_limits(resolve_model(config.model), info.device)
             scenario = run_server_load(config, stack, out, limits)
     finally:
         stack.stop()
@@ -318,8 +319,8 @@ def run_one(config: BenchConfig, stack: Stack, texts: list[str], out: Path) -> N
         scenario["limits"] = limits.summary()   # the run's own: the file's top-level limits may be older
     path = out / "latest.json"
     results = json.loads(path.read_text()) if path.exists() else {
-        "machine": machine(), "date": datetime.date.today().isoformat(), "model": config.model, "device": "",
-        "dtype": "", "max_tokens": config.max_tokens, "scenarios": {}}
+        "machine": machine(), "date": datetime.date.today().isoformat(), "model": info.model, "device": info.device,
+        "dtype": info.dtype, "max_tokens": config.max_tokens, "scenarios": {}}
     results["scenarios"][config.scenario] = scenario
     report.write_json(results, path)
     print(report.table({**results, "limits": scenario.get("limits"), "scenarios": {config.scenario: scenario}}))

@@ -59,11 +59,11 @@ class Limits:
 
     def decode_roofline(self, systems: dict[str, dict | None], rows: int, context: int,
                         key: str = "tokens_per_s") -> dict[str, dict[str, float | None]]:
-        """Each system's fraction for its decode figure `key`: tokens/s in all, or a time per token ("..._s")."""
+        """Each system's fraction for its decode figure `key`: "tokens_per_s" (in all) or "tpot_s" (per stream)."""
         out = {}
         for name, figures in systems.items():
             if figures and figures.get(key):
-                rate = 1 / figures[key] if key.endswith("_s") else figures[key]
+                rate = rows / figures[key] if key == "tpot_s" else figures[key]
                 out[name] = {key: self.decode_fraction(rows, rate, context)}
         return out
 
