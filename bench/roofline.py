@@ -75,7 +75,7 @@ class Limits:
     def summary(self) -> dict:
         """What latest.json records: the rates, the costs and the floors they give."""
         cost = asdict(self.cost)
-        cost["decode_flops_per_token_at_64"] = self.cost.decode_flops(64)
+        cost["decode_flops_per_token_at_context_64"] = self.cost.decode_flops(64)
         return {"memory_bandwidth_gb_s": round(self.bandwidth_gb_s, 2),
                 "fma_gflops": {k: round(v, 1) for k, v in self.fma_gflops.items()},
                 "model": cost,
