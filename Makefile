@@ -61,9 +61,12 @@ image-test: $(STUBS)
 	BUILDER=buildah VARIANT=cpu PY=$(PY) bash deploy/image.sh
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests/image
 
-# The benchmarks; `make bench-peers` first adds llama.cpp (llama-cpp-python, compiled from source: ~10 min on
-# 2 cores) in its own environment, .bench-venv. Without it the llama.cpp ratio is reported as null.
+# The benchmarks; `make bench-peers` first adds llama.cpp: llama-cpp-python (compiled from source: ~10 min on
+# 2 cores) in its own environment, .bench-venv, and llama.cpp's own llama-server built from the same sdist's
+# vendored sources into .bench-llama (~8 min; skipped once built). Without them their figures are reported as null.
 BENCH_VENV ?= .bench-venv
+BENCH_LLAMA ?= .bench-llama
+LLAMA_CPP_PYTHON := 0.3.36
 
 bench: $(STUBS) $(KERNELS)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
@@ -71,7 +74,8 @@ bench: $(STUBS) $(KERNELS)
 
 bench-peers:
 	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BENCH_VENV)/bin/pip install llama-cpp-python==0.3.36
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BENCH_VENV)/bin/pip install llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	PIP="$(BENCH_VENV)/bin/pip" VERSION=$(LLAMA_CPP_PYTHON) bash bench/build_llama_server.sh $(BENCH_LLAMA)
 
 # Load test of the OpenAI API of a running stack (`make run`): locust, 16 users, 200 requests (LOAD_REQUESTS).
 LOAD_HOST ?= http://127.0.0.1:8000

@@ -15,9 +15,10 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench import peers, report
+from bench import peers, report, roofline
 from bench.disaggregated import ARRIVALS, disaggregated_scenario
 from bench.inprocess import inprocess_throughput
+from bench.server_load import ServerLoadConfig, server_load_scenario
 from bench.speculative import speculative_scenario
 from bench.structured import structured_scenario
 from bench.splitserve_client import run_concurrent
@@ -43,13 +44,18 @@ class BenchConfig:
     prompt_lengths: str = field(default="64,256,1024,2048", metadata={"help": "TTFT vs prompt length"})
     threads: int = field(default=0, metadata={"help": "CPU threads for every system; 0 = all cores"})
     llamacpp_python: str = field(default=".bench-venv/bin/python", metadata={"help": "python with llama-cpp-python"})
+    llama_server: str = field(default=".bench-llama/bin/llama-server", metadata={
+        "help": "llama.cpp's server binary (make bench-peers), for the server_load scenario"})
+    server_load_concurrency: str = field(default="1,4,16,64", metadata={"help": "concurrency levels, server_load"})
+    server_load_rounds: int = field(default=3, metadata={"help": "rounds of server_load, alternating the order"})
+    server_load_requests_per_worker: int = field(default=2, metadata={"help": "requests each server_load worker sends"})
     speculative_max_tokens: int = field(default=128, metadata={"help": "output tokens, speculative scenario"})
     disaggregated_prompt_tokens: int = field(default=2048, metadata={
         "help": "length of the prompts arriving in the disaggregated scenario (0: skip the scenario)"})
     hf_continuous_batching: bool = field(default=True, metadata={"help": "run transformers' generate_batch"})
     out: str = field(default="bench/results", metadata={"help": "where latest.json and the plots go"})
     scenario: str = field(default="", metadata={
-        "help": "run only this scenario (structured), its figures replacing its entry in latest.json"})
+        "help": "run only this scenario (structured, server_load), its figures replacing its entry in latest.json"})
     log_level: str = "WARNING"
 
 
@@ -99,6 +105,27 @@ def wait_gateway_ready(stack: Stack, timeout: float = 60) -> None:
             time.sleep(0.5)
 
 
+def model_info(stack: Stack) -> common_pb2.ModelInfo:
+    with grpc.insecure_channel(stack.address("gateway")) as channel:
+        return gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest())
+
+
+def measure_limits(path: str, device: str) -> roofline.Limits | None:
+    """This CPU's limits for the served model (bench/roofline.py); None when the engine serves another device."""
+    return roofline.measure(path) if device == "cpu" else None
+
+
+def run_server_load(config: BenchConfig, stack: Stack, out: Path, limits: roofline.Limits | None) -> dict:
+    wait_gateway_ready(stack)
+    gguf = default_gguf_path() if config.model == DEFAULT_MODEL else None
+    load = ServerLoadConfig(levels=[int(c) for c in config.server_load_concurrency.split(",")],
+                            rounds=config.server_load_rounds,
+                            requests_per_worker=config.server_load_requests_per_worker, max_tokens=config.max_tokens,
+                            threads=torch.get_num_threads(), llama_server=ROOT / config.llama_server, gguf=gguf,
+                            log_dir=out / "logs", subjects=TOPICS)
+    return server_load_scenario(f"http://127.0.0.1:{stack.ports.gateway_http}/v1", load, limits)
+
+
 def main() -> None:
     config = load_config(BenchConfig, description="splitserve benchmarks")
     setup_logging(config.log_level)
@@ -121,11 +148,13 @@ def main() -> None:
     if config.scenario:
         run_one(config, stack, texts, out)
         return
-    progress = tqdm(total=9 + 2 * len(levels), desc="bench", unit="step")
+    progress = tqdm(total=11 + 2 * len(levels), desc="bench", unit="step")
     try:
-        with grpc.insecure_channel(stack.address("gateway")) as channel:
-            info = gateway_pb2_grpc.GatewayStub(channel).GetModelInfo(common_pb2.GetModelInfoRequest())
+        info = model_info(stack)
         dtype = getattr(torch, info.dtype)
+        progress.set_postfix_str("limits")
+        limits = measure_limits(path, info.device)
+        progress.update()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         wait_gateway_ready(stack)
         progress.update()
@@ -144,6 +173,9 @@ def main() -> None:
             "ratios": {"tpot_vs_hf_generate": report.ratio(ours["tpot_s"], hf["tpot_s"]),
                        "tpot_vs_llamacpp": report.ratio(ours["tpot_s"], llama and llama["tpot_s"]),
                        "ttft_vs_hf_generate": report.ratio(ours["ttft_s"], hf["ttft_s"])}}
+        if limits is not None:   # batch 1: the bandwidth floor
+            scenarios["single_stream"]["roofline"] = limits.decode_roofline(
+                scenarios["single_stream"]["systems"], 1, len(ids[0]) + n // 2, "tpot_s")
 
         # concurrency
         bs1_tokens_per_s = n / (hf["ttft_s"] + (n - 1) * hf["tpot_s"])
@@ -164,6 +196,17 @@ def main() -> None:
                            "throughput_vs_hf_generate_bs1": report.ratio(ours["tokens_per_s"], bs1_tokens_per_s),
                            "throughput_vs_hf_continuous_batching": report.ratio(
                                ours["tokens_per_s"], continuous and continuous["tokens_per_s"])}}
+            if limits is not None:
+                batched = {"splitserve": ours, "hf_static_batch": static, "hf_continuous_batching": continuous}
+                scenarios[f"concurrency_{level}"]["roofline"] = limits.decode_roofline(
+                    batched, level, round(statistics.mean(len(i) for i in ids[:level])) + n // 2)
+
+        progress.set_postfix_str("server load")
+        try:
+            scenarios["server_load"] = run_server_load(config, stack, out, limits)
+        except RuntimeError as exc:   # a short request or a peer that did not start: said, not hidden in figures
+            scenarios["server_load"] = {"systems": {}, "ratios": {}, "error": str(exc)}
+        progress.update()
 
         progress.set_postfix_str("structured")
         scenarios["structured"] = structured_scenario(stack.address("gateway"), stack.ports.engine_metrics, texts, n)
@@ -202,6 +245,10 @@ def main() -> None:
             hf_len[f"tokens_{length}"] = peers.hf_single_stream(model, tokenizer(text).input_ids, 2, repeats=1)["ttft_s"]
         scenarios["ttft_vs_prompt_length"] = {"systems": {"splitserve": ours_len, "hf_generate": hf_len},
                                               "ratios": {k: report.ratio(ours_len[k], hf_len[k]) for k in ours_len}}
+        if limits is not None:   # prefill: a fraction of the FMA rate
+            scenarios["ttft_vs_prompt_length"]["roofline"] = {
+                name: {k: limits.prefill_fraction(int(k.split("_")[1]), v) for k, v in figures.items()}
+                for name, figures in scenarios["ttft_vs_prompt_length"]["systems"].items()}
         progress.update()
 
         # overhead: the full gRPC path vs the engine's step loop in-process, 16 streams. The engine as the stack
@@ -226,6 +273,9 @@ def main() -> None:
         "splitserve_grpc": {"tokens_per_s": grpc_tps, "runs": [round(x, 1) for x in grpc_runs]},
         "engine_inprocess": {"tokens_per_s": inproc_tps, "runs": [round(x, 1) for x in inproc_runs]}},
                              "ratios": {"grpc_over_inprocess_throughput": report.ratio(grpc_tps, inproc_tps)}}
+    if limits is not None:
+        scenarios["overhead"]["roofline"] = limits.decode_roofline(
+            scenarios["overhead"]["systems"], 16, round(statistics.mean(len(i) for i in ids[:16])) + n // 2)
     progress.update()
     progress.set_postfix_str("speculative")
     scenarios["speculative"] = speculative_scenario(engine, tokenizer, config.speculative_max_tokens)
@@ -238,7 +288,8 @@ def main() -> None:
     progress.close()
 
     results = {"machine": machine(), "date": datetime.date.today().isoformat(), "model": info.model,
-               "device": info.device, "dtype": info.dtype, "max_tokens": n, "scenarios": scenarios}
+               "device": info.device, "dtype": info.dtype, "max_tokens": n,
+               "limits": limits.summary() if limits is not None else None, "scenarios": scenarios}
     report.write_json(results, out / "latest.json")
     plots = report.plot(results, out)
     print()
@@ -248,22 +299,31 @@ def main() -> None:
 
 def run_one(config: BenchConfig, stack: Stack, texts: list[str], out: Path) -> None:
     """One scenario alone (`--scenario`), written into latest.json in place of its previous figures."""
-    if config.scenario != "structured":
+    if config.scenario not in ("structured", "server_load"):
         stack.stop()
-        raise SystemExit(f"--scenario: only 'structured' runs alone, got {config.scenario!r}")
+        raise SystemExit(f"--scenario: only 'structured' or 'server_load' run alone, got {config.scenario!r}")
+    limits = None
     try:
         wait_gateway_ready(stack)
-        scenario = structured_scenario(stack.address("gateway"), stack.ports.engine_metrics, texts, config.max_tokens)
+        info = model_info(stack)
+        if config.scenario == "structured":
+            scenario = structured_scenario(stack.address("gateway"), stack.ports.engine_metrics, texts,
+                                           config.max_tokens)
+        else:
+            limits = measure_limits(resolve_model(config.model), info.device)
+            scenario = run_server_load(config, stack, out, limits)
     finally:
         stack.stop()
     scenario["measured"] = f"{datetime.date.today().isoformat()}, {machine()}"   # the rest may be older
+    if limits is not None:
+        scenario["limits"] = limits.summary()   # the run's own: the file's top-level limits may be older
     path = out / "latest.json"
     results = json.loads(path.read_text()) if path.exists() else {
-        "machine": machine(), "date": datetime.date.today().isoformat(), "model": config.model, "device": "",
-        "dtype": "", "max_tokens": config.max_tokens, "scenarios": {}}
-    results["scenarios"]["structured"] = scenario
+        "machine": machine(), "date": datetime.date.today().isoformat(), "model": info.model, "device": info.device,
+        "dtype": info.dtype, "max_tokens": config.max_tokens, "scenarios": {}}
+    results["scenarios"][config.scenario] = scenario
     report.write_json(results, path)
-    print(report.table({**results, "scenarios": {"structured": scenario}}))
+    print(report.table({**results, "limits": scenario.get("limits"), "scenarios": {config.scenario: scenario}}))
 
 
 if __name__ == "__main__":

@@ -19,15 +19,38 @@ def write_json(results: dict, path: Path) -> None:
 def table(results: dict) -> str:
     lines = [f"splitserve bench — {results['date']} — {results['machine']} — {results['model']} "
              f"{results['dtype']} on {results['device']}", ""]
+    limits = results.get("limits")
+    if limits:
+        rates = ", ".join(f"{k} {v:.4g}" for k, v in limits["fma_gflops"].items())
+        lines += ["[limits] (figures below: [x% roof] = the floor this CPU allows ÷ the measured time)",
+                  f"  memory bandwidth {limits['memory_bandwidth_gb_s']:.4g} GB/s (copy); fp32 GFLOP/s: {rates}",
+                  f"  weights a batch-1 decode step reads {limits['model']['weight_bytes'] / 1e6:.1f} MB: floor "
+                  f"{limits['batch1_floor_ms']:.3g} ms/token; compute ceiling "
+                  f"{limits['compute_ceiling_tokens_per_s']:.4g} tokens/s", ""]
     for name, scenario in results["scenarios"].items():
         lines.append(f"[{name}]")
+        if scenario.get("llama_server_missing"):
+            lines.append(f"  llama-server: n/a ({scenario['llama_server_missing']})")
+        if scenario.get("error"):
+            lines.append(f"  failed: {scenario['error']}")
+        roofline = scenario.get("roofline") or {}
         for system, figures in scenario["systems"].items():
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items()) if figures else "not installed"
+            fractions = roofline.get(system) or {}
+            shown = ", ".join(f"{k}={_fmt(v)}{_roof(fractions.get(k))}" for k, v in figures.items()
+                              if not k.endswith("_spread")) if figures else "not installed"
             lines.append(f"  {system:<28} {shown}")
+            spreads = ", ".join(f"{k.removesuffix('_spread')} {_fmt(v[0])}-{_fmt(v[1])}"
+                                for k, v in (figures or {}).items() if k.endswith("_spread"))
+            if spreads:
+                lines.append(f"  {'':<28} spread over rounds: {spreads}")
         for key, value in scenario["ratios"].items():
             lines.append(f"  ratio {key:<40} {_fmt(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _roof(fraction: float | None) -> str:
+    return "" if fraction is None else f" [{fraction:.0%} roof]"
 
 
 def _fmt(value: object) -> str:

@@ -28,6 +28,8 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compact: bool = False) -> None:
         self.bias = bias
         self.weight = weight
+        self.in_features = weight.shape[1]
+        self.fp32_bytes = weight.numel() * weight.element_size()
         self.packed = None
         if onednn_available(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
@@ -48,6 +50,14 @@ class Linear:
     def compact(self, blocks: bool) -> torch.Tensor:
         """The weights our kernels read for a step: GGUF blocks when asked (and there are some), else bf16."""
         return self.blocks[1] if blocks and self.blocks is not None else self.bf16[0]
+
+    def bytes_read(self, rows: int) -> int:
+        """The bytes of weights a step of `rows` rows reads: the format __call__ picks for it (bench/roofline.py)."""
+        if self.blocks is not None and rows <= BLOCKS_ROWS:
+            return self.blocks[1].nbytes
+        if self.bf16 is not None and rows <= self.bf16_rows:
+            return self.bf16[0].nbytes
+        return self.fp32_bytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None and x.shape[0] <= BLOCKS_ROWS:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+from bench import roofline
 from engine_service.model import cpu_kernels, gguf_weights
 from engine_service.engine import Engine
 from engine_service.model_runner import ModelRunner
@@ -178,6 +179,14 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
     fast = runner.fast
     assert fast.lm_head.blocks is not None
     assert all(linear.blocks is not None for w in fast.layers for linear in (w.qkv, w.o, w.gate_up, w.down))
+    # The bench's roofline: a batch-1 step reads exactly the file's blocks (and the norms); larger steps read the
+    # bf16 copy, then the fp32 weights.
+    gguf_file = gguf_weights.source_of(str(quantized_tiny_dir))
+    norms = sum(w.input_norm.nbytes + w.post_norm.nbytes for w in fast.layers) + fast.final_norm.nbytes
+    assert roofline.cost_of(runner).weight_bytes == sum(t.data.nbytes for t in GGUFReader(gguf_file).tensors) + norms
+    down = fast.layers[0].down
+    assert (down.bytes_read(2), down.bytes_read(3), down.bytes_read(64)) == (
+        down.blocks[1].nbytes, down.fp32_bytes // 2, down.fp32_bytes)
     # Batches of 1 and 2 rows read the blocks, in one kernel call and on the eager path alike.
     for batch in (1, 2):
         prompts = [tokenizer(text).input_ids for text in ("The capital of France is", "def add(a, b):")[:batch]]
