@@ -40,17 +40,14 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_num_batched_tokens: int,
                  max_waiting: int, draft_layers: int = 0) -> None:
-        """The runner owns the KV cache and its block manager; the scheduler decides over its blocks.
-        draft_layers > 0: speculative "draft" requests draft with the target's first draft_layers layers (-1: a
-        quarter of them; Llama-family fast path only)."""
+        """The runner owns the KV cache and its block manager; the scheduler decides over its blocks. draft_layers:
+        see Intake.draft_layers."""
         self.runner = runner
         self.model_spec = runner.model_spec
-        num_layers = len(runner.fast.layers) if runner.fast is not None else 0
-        draft_layers = max(0, min(num_layers // 4 if draft_layers < 0 else draft_layers, num_layers - 1))
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens, runner.cache.scratch_slots)
         self.sampler = Sampler(runner.device)
         self.grammars = Grammars(runner.model_path, self.model_spec.vocab_size, self.model_spec.eos_token_ids)
-        self.intake = Intake(self.model_spec, max_num_seqs, draft_layers, self.grammars)
+        self.intake = Intake(self.model_spec, max_num_seqs, runner.draft_layers(draft_layers), self.grammars)
         self.forward, self.fork, self.free = runner.forward, runner.fork, self.scheduler.blocks.free   # Step's
         self.guesses_verified = 0           # guessed tokens that speculative and lookahead steps verified
         self.guesses_accepted = 0           # tokens those steps produced beyond the first
@@ -80,8 +77,7 @@ class Engine:
         return seq
 
     def add_sequence(self, seq: Sequence) -> None:
-        """Queues a sequence made by intake.sequence (which takes a failover's replayed tokens and a compiled
-        constraint too). Raises EngineFullError."""
+        """Queues a sequence made by intake.sequence. Raises EngineFullError."""
         try:
             self._inbox.add(seq, len(self.scheduler.waiting))
         except EngineFullError:

@@ -24,7 +24,9 @@ class RequestError(ValueError):
 class Intake:
     model_spec: ModelSpec
     max_num_seqs: int
-    draft_layers: int       # layers of the target that draft for speculative "draft" requests (0: none)
+    # Speculative "draft" requests draft with the target's first draft_layers layers (0: no draft model; the
+    # engine's --draft-layers, -1 meaning a quarter of them, resolved by ModelRunner.draft_layers).
+    draft_layers: int
     grammars: Grammars
 
     def sequence(self, request_id: str, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback,

@@ -162,6 +162,12 @@ class ModelRunner:
                                       kv_blocks=num_blocks, block_size=block_size, context=context,
                                       fast_path=self.fast is not None))
 
+    def draft_layers(self, requested: int) -> int:
+        """How many of the model's first layers may draft (--draft-layers; -1: a quarter): fewer than all of them,
+        and none without the Llama-family fast path (it runs a prefix of the layers)."""
+        num_layers = len(self.fast.layers) if self.fast is not None else 0
+        return max(0, min(num_layers // 4 if requested < 0 else requested, num_layers - 1))
+
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slot of each position, given a block table (same leading shape or broadcastable)."""
         blocks = torch.gather(block_table, -1, positions // self.block_size)
