@@ -149,9 +149,12 @@ def measure(model_path: str) -> Limits:
             w = runner.fast.layers[0]
             linears = [w.qkv, w.o, w.gate_up, w.down]
             sizes = [linear.in_features for linear in linears]
-            rates["engine_onednn_fp32_64_rows"] = _gflops(linears, sizes, 64)
-            if w.gate_up.kernels is not None:
-                rates[f"engine_bf16_kernel_{COMPACT_ROWS}_rows"] = _gflops(linears, sizes, COMPACT_ROWS)
+            if all(linear.packed is not None for linear in linears):   # the prefill's fp32 product
+                onednn = [lambda x, linear=linear: torch.ops.mkldnn._linear_pointwise(
+                    x, linear.packed, linear.bias, "none", [], "") for linear in linears]
+                rates["onednn_fp32_64_rows"] = _gflops(onednn, sizes, 64)
+            if w.gate_up.kernels is not None:   # a decode step's: our kernel over the compact weights
+                rates[f"engine_compact_kernel_{COMPACT_ROWS}_rows"] = _gflops(linears, sizes, COMPACT_ROWS)
         else:   # transformers' forward: its first layer's MLP through torch's fp32 matmul
             mlp = runner.model.model.layers[0].mlp
             linears = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]

@@ -61,17 +61,23 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// Rows m0..m0+MB of x against weight rows n0..n0+NB.
-template <int MB, int NB>
-inline void block(const float* x, const uint16_t* w, float* y, const float* bias, int64_t m0, int64_t n0,
-                  int64_t K, int64_t N) {
+inline __m256 load_weights(const uint16_t* p) { return load_bf16(p); }
+inline __m256 load_weights(const float* p) { return _mm256_loadu_ps(p); }
+inline float weight_value(uint16_t h) { return bf16_to_float(h); }
+inline float weight_value(float f) { return f; }
+
+// Rows m0..m0+MB of x against the NB weight rows at w (row stride K), into output columns n0..n0+NB. The weights
+// are bf16 (widened in registers) or fp32 (GGUF blocks dequantised just before, see dequantized_panels).
+template <int MB, int NB, class W>
+inline void block(const float* x, const W* w, float* y, const float* bias, int64_t m0, int64_t n0, int64_t K,
+                  int64_t N) {
   __m256 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
     for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
   const int64_t k_vec = K / 8 * 8;
   for (int64_t k = 0; k < k_vec; k += 8) {
     __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = load_bf16(w + (n0 + j) * K + k);
+    for (int j = 0; j < NB; ++j) wv[j] = load_weights(w + j * K + k);
     for (int m = 0; m < MB; ++m) {
       __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);
       for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
@@ -80,15 +86,15 @@ inline void block(const float* x, const uint16_t* w, float* y, const float* bias
   for (int m = 0; m < MB; ++m) {
     for (int j = 0; j < NB; ++j) {
       float total = sum8(acc[m][j]);
-      for (int64_t k = k_vec; k < K; ++k) total += x[(m0 + m) * K + k] * bf16_to_float(w[(n0 + j) * K + k]);
+      for (int64_t k = k_vec; k < K; ++k) total += x[(m0 + m) * K + k] * weight_value(w[j * K + k]);
       if (bias != nullptr) total += bias[n0 + j];
       y[(m0 + m) * N + n0 + j] = total;
     }
   }
 }
 
-template <int NB>
-inline void rows(const float* x, const uint16_t* w, float* y, const float* bias, int64_t M, int64_t n0, int64_t K,
+template <int NB, class W>
+inline void rows(const float* x, const W* w, float* y, const float* bias, int64_t M, int64_t n0, int64_t K,
                  int64_t N) {
   int64_t m0 = 0;
   for (; m0 + MB_MAX <= M; m0 += MB_MAX) block<MB_MAX, NB>(x, w, y, bias, m0, n0, K, N);
@@ -107,9 +113,9 @@ void linear_bf16_into(const float* xp, const uint16_t* wp, const float* bp, floa
                       int64_t N) {
   const int64_t groups = N / NB_MAX;
   parallel_chunks(groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) rows<NB_MAX>(xp, wp, yp, bp, M, NB_MAX * g, K, N);
+    for (int64_t g = begin; g < end; ++g) rows<NB_MAX>(xp, wp + NB_MAX * g * K, yp, bp, M, NB_MAX * g, K, N);
   });
-  for (int64_t n = groups * NB_MAX; n < N; ++n) rows<1>(xp, wp, yp, bp, M, n, K, N);
+  for (int64_t n = groups * NB_MAX; n < N; ++n) rows<1>(xp, wp + n * K, yp, bp, M, n, K, N);
 }
 
 // An optional bias as a contiguous fp32 tensor (undefined when there is none).
@@ -132,9 +138,16 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
   return y;
 }
 
-// GGUF's own block formats, read as they are stored: Q4_1 blocks of 32 weights {fp16 d, fp16 m, 16 bytes of
-// nibbles: low nibble of byte j is weight j, high nibble weight j + 16}, w = d * q + m; Q8_0 blocks {fp16 d,
-// 32 int8}, w = d * q. The weights are the model's (the fp32 model is their dequantisation): fewer bytes, same values.
+// GGUF's block formats, repacked once at load (gguf_weights.repack) into a layout made for these loops; the values
+// are the model's (the fp32 model is their dequantisation): fewer bytes, same values. Per matrix row:
+//   Q4_1 (w = d * q + m): nb blocks of 16 bytes of nibbles, then nb fp16 scales d, then nb fp16 minimums m. A
+//        block's 16 bytes are 8 little-endian uint16 lanes; nibble k (bits 4k..4k+3) of lane l is weight 8k + l, so
+//        a zero-extension to 32-bit lanes, a shift and a mask give 8 consecutive weights, ready for one conversion.
+//        (GGUF's own order, low nibbles then high nibbles bytewise, took four byte-to-int widenings on the shuffle
+//        port per block: the batch-1 step was bound by them, not by memory.)
+//   Q8_0 (w = d * q): nb blocks of 32 int8, then nb fp16 scales d.
+// Scales and minimums sit apart from the quants so that eight are widened by one instruction, and Q4_1's
+// minimums enter once per row as a dot product with the per-block sums of x.
 namespace {
 
 inline float half_to_float(const uint8_t* p) {
@@ -143,87 +156,179 @@ inline float half_to_float(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-// Rows m0..m0+MB of x against weight rows n0..n0+NB, accumulators in registers (a chain through memory made
-// every block wait for the previous one's store); xsum[m * blocks + b] = sum of x[m] over block b (Q4_1's offset).
+// n (<= 8) fp16 values at p as floats into out[0..n).
+inline void halves(const uint8_t* p, int64_t n, float* out) {
+  if (n == 8) {
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(p + 2 * i);
+}
+
+// sum_i halves[i] * v[i] over n values.
+inline float half_dot(const uint8_t* p, const float* v, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i))),
+                          _mm256_loadu_ps(v + i), acc);
+  float total = sum8(acc);
+  for (; i < n; ++i) total += half_to_float(p + 2 * i) * v[i];
+  return total;
+}
+
+template <bool Q4>
+constexpr int64_t quant_bytes() { return Q4 ? 16 : 32; }
+
+// The 32 quants of block b as four vectors of 8 floats (weights 0-7, 8-15, 16-23, 24-31); Q4_1's times 16^k.
+template <bool Q4>
+inline void block_values(const uint8_t* quants, int64_t b, __m256 q[4]) {
+  if (Q4) {
+    const __m256i lanes =
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 16 * b)));
+    // Masked in place, not shifted down: nibble k converts to q * 16^k exactly, and x comes pre-scaled by 16^-k
+    // (scaled_for_q4), so every product is the same float as x * q, one instruction fewer per 8 weights.
+    for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(0x0F << (4 * k))));
+  } else {
+    const uint8_t* p = quants + 32 * b;
+    for (int k = 0; k < 4; ++k)
+      q[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * k))));
+  }
+}
+
+// Rows m0..m0+MB of x against weight rows n0..n0+NB: each block's quants are widened once and used for MB rows;
+// accumulators stay in registers. xsum[m * blocks + b] = sum of x[m] over block b (Q4_1's minimums).
 template <bool Q4, int MB, int NB>
-inline void quant_block(const float* x, const uint8_t* w, int64_t row_bytes, const float* xsum, float* y,
-                        const float* bias, int64_t m0, int64_t n0, int64_t K, int64_t N) {
-  const int64_t blocks = K / 32;
-  const int64_t block_bytes = Q4 ? 20 : 34;
+inline void quant_tile(const float* x, const uint8_t* w, int64_t row_bytes, const float* xsum, float* y,
+                       const float* bias, int64_t m0, int64_t n0, int64_t K, int64_t N) {
+  const int64_t blocks = K / 32, scales_at = blocks * quant_bytes<Q4>();
+  const uint8_t* rows[NB];
+  for (int j = 0; j < NB; ++j) rows[j] = w + (n0 + j) * row_bytes;
   __m256 acc[MB][NB];
-  float offset[MB][NB];
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) {
-      acc[m][j] = _mm256_setzero_ps();
-      offset[m][j] = 0.0f;
-    }
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int j = 0; j < NB; ++j) {
-      const uint8_t* block = w + (n0 + j) * row_bytes + b * block_bytes;
-      // Five cache lines ahead in the same row: the hardware prefetcher alone left these loops waiting on memory
-      // (Q8_0 head at batch 1: 5 -> 9.5 GB/s measured).
-      _mm_prefetch(reinterpret_cast<const char*>(block + 320), _MM_HINT_T0);
-      const __m256 d = _mm256_set1_ps(half_to_float(block));
-      __m256 q[4];
-      if (Q4) {
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 4));
-        const __m128i low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
-        const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
-        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
-        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
-        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
-        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
-      } else {
-        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 2));
-        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 18));
-        q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-        q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-        q[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-        q[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-      }
-      const float block_min = Q4 ? half_to_float(block + 2) : 0.0f;
-      for (int m = 0; m < MB; ++m) {
-        const float* xb = x + (m0 + m) * K + b * 32;
-        __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xb), q[0]);
-        t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), q[1], t);
-        t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), q[2], t);
-        t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), q[3], t);
-        acc[m][j] = _mm256_fmadd_ps(d, t, acc[m][j]);
-        if (Q4) offset[m][j] += block_min * xsum[(m0 + m) * blocks + b];
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
+  alignas(32) float scale[NB][8];
+  for (int64_t first = 0; first < blocks; first += 8) {
+    const int64_t count = std::min<int64_t>(8, blocks - first);
+    for (int j = 0; j < NB; ++j) halves(rows[j] + scales_at + 2 * first, count, scale[j]);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t b = first + i;
+      for (int j = 0; j < NB; ++j) {
+        // 1 KiB ahead (the next tiles' rows: a tile's rows are contiguous), about one memory latency of this loop's
+        // reading: the hardware prefetcher alone left it waiting on memory half the time (Q4_1, batch 1).
+        _mm_prefetch(reinterpret_cast<const char*>(rows[j] + b * quant_bytes<Q4>() + 1024), _MM_HINT_T0);
+        __m256 q[4];
+        block_values<Q4>(rows[j], b, q);
+        const __m256 d = _mm256_broadcast_ss(&scale[j][i]);
+        for (int m = 0; m < MB; ++m) {
+          const float* xb = x + (m0 + m) * K + b * 32;
+          __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xb), q[0]);
+          t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), q[1], t);
+          t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), q[2], t);
+          t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), q[3], t);
+          acc[m][j] = _mm256_fmadd_ps(d, t, acc[m][j]);
+        }
       }
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j)
-      y[(m0 + m) * N + n0 + j] = sum8(acc[m][j]) + offset[m][j] + (bias ? bias[n0 + j] : 0.0f);
+    for (int j = 0; j < NB; ++j) {
+      float total = sum8(acc[m][j]) + (bias ? bias[n0 + j] : 0.0f);
+      if (Q4) total += half_dot(rows[j] + scales_at + 2 * blocks, xsum + (m0 + m) * blocks, blocks);
+      y[(m0 + m) * N + n0 + j] = total;
+    }
 }
 
-template <bool Q4, int NB>
+// Every row of x against weight rows n0..n0+NB, MB rows at a time.
+template <bool Q4, int NB, int MB>
 inline void quant_rows(const float* x, const uint8_t* w, int64_t row_bytes, const float* xsum, float* y,
                        const float* bias, int64_t M, int64_t n0, int64_t K, int64_t N) {
   int64_t m0 = 0;
-  for (; m0 + 2 <= M; m0 += 2) quant_block<Q4, 2, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N);
-  if (m0 < M) quant_block<Q4, 1, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N);
+  for (; m0 + MB <= M; m0 += MB) quant_tile<Q4, MB, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N);
+  switch (M - m0) {
+    case 3: quant_tile<Q4, 3, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N); break;
+    case 2: quant_tile<Q4, 2, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N); break;
+    case 1: quant_tile<Q4, 1, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N); break;
+    default: break;
+  }
 }
 
-// y[M, N] = x[M, K] W^T (+ bias), W in Q4_1 (Q4) or Q8_0 blocks, [N, K / 32 * block bytes].
+template <bool Q4, int NB, int MB>
+void quant_columns(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* sp, const float* bp,
+                   float* yp, int64_t M, int64_t K, int64_t N) {
+  const int64_t groups = N / NB;
+  parallel_chunks(groups, 64 / NB, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) quant_rows<Q4, NB, MB>(xp, wp, row_bytes, sp, yp, bp, M, NB * g, K, N);
+  });
+  for (int64_t n = groups * NB; n < N; ++n) quant_rows<Q4, 1, MB>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
+}
+
+// Weight row `row` (repacked blocks) as its exact fp32 values: Q4_1's d * q (exact: 4 x 11 significant bits) + m
+// rounds once, as the dequantisation that built the fp32 model does; Q8_0's d * q is exact.
+template <bool Q4>
+inline void dequantize_row(const uint8_t* row, float* out, int64_t K) {
+  const int64_t blocks = K / 32, scales_at = blocks * quant_bytes<Q4>();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const __m256 d = _mm256_set1_ps(half_to_float(row + scales_at + 2 * b));
+    const __m256 m = _mm256_set1_ps(Q4 ? half_to_float(row + scales_at + 2 * (blocks + b)) : 0.0f);
+    if (Q4) {
+      const __m256i lanes =
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b)));
+      for (int k = 0; k < 4; ++k) {
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(lanes, 4 * k), _mm256_set1_epi32(0x0F)));
+        _mm256_storeu_ps(out + 32 * b + 8 * k, _mm256_fmadd_ps(q, d, m));
+      }
+    } else {
+      __m256 q[4];
+      block_values<false>(row, b, q);
+      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * b + 8 * k, _mm256_mul_ps(q[k], d));
+    }
+  }
+}
+
+// Steps of 4 or more rows: each group of NB_MAX weight rows is dequantised into an fp32 panel (in L1) and the
+// panel goes through the fp32 register-tiled product, so the widening is paid once per weight, not once per row.
+template <bool Q4>
+void dequantized_panels(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* bp, float* yp,
+                        int64_t M, int64_t K, int64_t N) {
+  const int64_t groups = N / NB_MAX;
+  parallel_chunks(groups, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> panel(NB_MAX * K);
+    for (int64_t g = begin; g < end; ++g) {
+      for (int j = 0; j < NB_MAX; ++j) dequantize_row<Q4>(wp + (NB_MAX * g + j) * row_bytes, panel.data() + j * K, K);
+      rows<NB_MAX>(xp, panel.data(), yp, bp, M, NB_MAX * g, K, N);
+    }
+  });
+  std::vector<float> panel(K);
+  for (int64_t n = groups * NB_MAX; n < N; ++n) {
+    dequantize_row<Q4>(wp + n * row_bytes, panel.data(), K);
+    rows<1>(xp, panel.data(), yp, bp, M, n, K, N);
+  }
+}
+
+// y[M, N] = x[M, K] W^T (+ bias), W repacked Q4_1 (Q4) or Q8_0 blocks, [N, K / 32 * block bytes].
 template <bool Q4>
 void linear_quant_into(const float* xp, const uint8_t* wp, const float* bp, float* yp, int64_t M, int64_t K,
                        int64_t N) {
   const int64_t blocks = K / 32, row_bytes = blocks * (Q4 ? 20 : 34);
-  std::vector<float> xsum(M * blocks, 0.0f);
-  if (Q4)
-    for (int64_t i = 0; i < M * blocks; ++i) {
-      float total = 0.0f;
-      for (int k = 0; k < 32; ++k) total += xp[i * 32 + k];
-      xsum[i] = total;
+  if (M >= 4) return dequantized_panels<Q4>(xp, wp, row_bytes, bp, yp, M, K, N);
+  std::vector<float> xsum(Q4 ? M * blocks : 0, 0.0f), scaled(Q4 ? M * K : 0);
+  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
+    __m256 s = _mm256_setzero_ps();
+    for (int k = 0; k < 4; ++k) {
+      const __m256 part = _mm256_loadu_ps(xp + i * 32 + 8 * k);
+      s = _mm256_add_ps(s, part);
+      _mm256_storeu_ps(scaled.data() + i * 32 + 8 * k, _mm256_mul_ps(part, _mm256_set1_ps(1.0f / (1 << (4 * k)))));
     }
+    xsum[i] = sum8(s);
+  }
   const float* sp = xsum.data();
-  const int64_t groups = N / 4;
-  parallel_chunks(groups, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) quant_rows<Q4, 4>(xp, wp, row_bytes, sp, yp, bp, M, 4 * g, K, N);
-  });
-  for (int64_t n = groups * 4; n < N; ++n) quant_rows<Q4, 1>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
+  if (Q4) xp = scaled.data();   // x * 16^-k for nibble k: see block_values
+  // One row: four weight rows per tile (the widening is the work); two or three: two weight rows per tile.
+  if (M == 1)
+    quant_columns<Q4, 4, 1>(xp, wp, row_bytes, sp, bp, yp, M, K, N);
+  else
+    quant_columns<Q4, 2, 3>(xp, wp, row_bytes, sp, bp, yp, M, K, N);
 }
 
 template <bool Q4>

@@ -2,11 +2,14 @@
 
 On CPUs, fp32 weights are repacked once into oneDNN's blocked layout: at the rows of a prefill it runs about
 twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes). Optionally
-compact weights serve steps of at most `COMPACT_ROWS` rows (decode steps): such a step is bound by reading the
-weights, and a bf16 copy halves the bytes (a GGUF-sourced model's own blocks, `use_blocks`, cut them further).
-On AVX2 CPUs our own kernel (cpu_kernels.cpp) widens the bf16 weights to fp32 in registers and accumulates in fp32
-with fp32 activations; elsewhere torch's bf16 matmul serves them (1-2 rows). bf16 is never used for larger steps,
-whose matrix products are far slower in bf16 on CPUs without native bf16 instructions.
+compact weights serve steps of at most `COMPACT_ROWS` rows (decode steps): a small step is bound by reading the
+weights, and compact weights are fewer bytes. A GGUF-sourced model's own blocks (`use_blocks`: Q4_1 / Q8_0, the
+exact weights at 0.6-1.1 bytes each) serve every such step; other models read a bf16 copy (half the bytes). On
+AVX2 CPUs our own kernels (cpu_kernels.cpp) widen either to fp32 in registers and accumulate in fp32 with fp32
+activations: from 4 rows on they run at the fp32 FMA rate (as fast as oneDNN's fp32 product up to 64 rows,
+measured on the CI machine), below it they are bound by the widening and reading. Without the kernels, torch's
+bf16 matmul serves 1-2 rows; it is never used for larger steps, far slower in bf16 on CPUs without bf16
+instructions.
 """
 from __future__ import annotations
 
@@ -15,9 +18,8 @@ import torch.nn.functional as F
 
 from engine_service.model import cpu_kernels
 
-COMPACT_ROWS = 16      # rows served by the bf16 copy with our kernel
+COMPACT_ROWS = 64      # rows served by compact weights with our kernels
 BF16_TORCH_ROWS = 2    # rows served by the bf16 copy with torch's bf16 matmul (no kernel)
-BLOCKS_ROWS = 2        # rows served from GGUF blocks (compute-bound beyond: the bf16 copy is faster from 3 rows)
 
 
 def onednn_available(weight: torch.Tensor) -> bool:
@@ -44,23 +46,25 @@ class Linear:
             self.bf16_rows = COMPACT_ROWS if self.kernels is not None else BF16_TORCH_ROWS
 
     def use_blocks(self, kernel, blocks: torch.Tensor, in_features: int) -> None:
-        """Small steps read the weights in a GGUF block format (same values as the fp32 weights) with kernel."""
+        """Decode steps read the weights in a GGUF block format (same values as the fp32 weights) with kernel;
+        the bf16 copy they replace is dropped."""
         self.blocks = (kernel, blocks, in_features)
+        self.bf16 = None
 
-    def compact(self, blocks: bool) -> torch.Tensor:
-        """The weights our kernels read for a step: GGUF blocks when asked (and there are some), else bf16."""
-        return self.blocks[1] if blocks and self.blocks is not None else self.bf16[0]
+    def compact(self) -> torch.Tensor:
+        """The weights our kernels read for a decode step: GGUF blocks where there are some, else bf16."""
+        return self.blocks[1] if self.blocks is not None else self.bf16[0]
 
     def bytes_read(self, rows: int) -> int:
         """The bytes of weights a step of `rows` rows reads: the format __call__ picks for it (bench/roofline.py)."""
-        if self.blocks is not None and rows <= BLOCKS_ROWS:
+        if self.blocks is not None and rows <= COMPACT_ROWS:
             return self.blocks[1].nbytes
         if self.bf16 is not None and rows <= self.bf16_rows:
             return self.bf16[0].nbytes
         return self.fp32_bytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is not None and x.shape[0] <= BLOCKS_ROWS:
+        if self.blocks is not None and x.shape[0] <= COMPACT_ROWS:
             kernel, blocks, in_features = self.blocks
             return kernel(x, blocks, in_features, self.bias)
         if self.bf16 is not None and x.shape[0] <= self.bf16_rows:

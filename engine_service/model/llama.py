@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from engine_service.model import attention, gguf_weights
 from engine_service.model.attention import paged_attention_core
-from engine_service.model.linear import BLOCKS_ROWS, COMPACT_ROWS, Linear
+from engine_service.model.linear import COMPACT_ROWS, Linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 WEIGHTS_PER_LAYER = 7   # the one-call kernel's weights of one layer (decode_weights)
@@ -84,22 +84,21 @@ class FastLlama:
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                            mlp.down_proj):
                 module.weight = None
-        # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp):
-        # the weights it reads per step, from GGUF blocks where the step is small enough for them, else bf16.
+        # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp),
+        # reading the compact weights (GGUF blocks where the model came from a GGUF file, else bf16).
         self.decode_kernels = kernels if self._fits_decode_kernel() else None
-        self.decode_weights = {}
+        self.decode_weights: list[torch.Tensor] = []
         if self.decode_kernels is not None:
             empty = torch.empty(0)
-            for blocks in (True, False):
-                self.decode_weights[blocks] = [   # WEIGHTS_PER_LAYER tensors per layer, in the kernel's order
-                    tensor for w in self.layers for tensor in (
-                        w.input_norm.contiguous(), w.qkv.compact(blocks),
-                        empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(blocks),
-                        w.post_norm.contiguous(), w.gate_up.compact(blocks), w.down.compact(blocks))]
+            self.decode_weights = [   # WEIGHTS_PER_LAYER tensors per layer, in the kernel's order
+                tensor for w in self.layers for tensor in (
+                    w.input_norm.contiguous(), w.qkv.compact(),
+                    empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(),
+                    w.post_norm.contiguous(), w.gate_up.compact(), w.down.compact())]
 
     def _fits_decode_kernel(self) -> bool:
         return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
-                and all(w.o.bias is None and w.qkv.bf16 is not None for w in self.layers))
+                and all(w.o.bias is None and (w.qkv.bf16 is not None or w.qkv.blocks is not None) for w in self.layers))
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As transformers' LlamaRMSNorm: normalise in fp32, scale in the model's dtype.
@@ -128,7 +127,7 @@ class FastLlama:
             layers = len(self.layers) if num_layers is None else num_layers   # fewer: an early-exit draft
             x = self.decode_kernels.decode_layers(
                 x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache[:layers],
-                step.v_cache[:layers], self.decode_weights[tokens <= BLOCKS_ROWS][:WEIGHTS_PER_LAYER * layers],
+                step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
                 self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
             return self.lm_head(self._rms_norm(x.index_select(0, keep), self.final_norm)), None
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 
 from bench import roofline
 from engine_service.model import cpu_kernels, gguf_weights
+from engine_service.model.linear import COMPACT_ROWS
 from engine_service.engine import Engine
 from engine_service.model_runner import ModelRunner
 from engine_service.sampling import SamplingParams
@@ -34,7 +35,7 @@ def kernels():
 
 @needs_kernels
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 64])
 def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
     rng = np.random.default_rng(rows)
     weight = rng.standard_normal((37, 96)).astype(np.float32)   # N not a multiple of the kernel's 4-row groups
@@ -43,6 +44,7 @@ def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
     x = torch.randn(rows, 96)
     bias = torch.randn(37)
     kernel = getattr(kernels, gguf_weights.KERNELS[kind])
+    blocks = gguf_weights.repack(kind, blocks)
     got = kernel(x, torch.from_numpy(blocks), 96, bias)
     expected = x.double() @ dense.T + bias.double()
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
@@ -52,7 +54,7 @@ def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
 
 def _decode_ready_engine(runner: ModelRunner, prompts: list[list[int]]) -> Engine:
     """An engine (loop not started) whose sequences have all been prefilled: its next step is a plain decode."""
-    engine = Engine(runner, max_num_seqs=16, max_num_batched_tokens=2048, max_waiting=16)
+    engine = Engine(runner, max_num_seqs=64, max_num_batched_tokens=4096, max_waiting=64)
     for i, ids in enumerate(prompts):
         engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=32, ignore_eos=True), lambda *args: None)
     engine._drain_inbox(False)
@@ -93,7 +95,7 @@ def tiny_qwen2_dir(tmp_path_factory, tokenizer) -> Path:
 
 @needs_kernels
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-@pytest.mark.parametrize("batch", [1, 3, 16])
+@pytest.mark.parametrize("batch", [1, 3, 16, 40])
 def test_decode_kernel_equals_eager_forward(kernels, request, architecture, batch):
     folder = request.getfixturevalue("tiny_model_dir" if architecture == "llama" else "tiny_qwen2_dir")
     runner = ModelRunner(str(folder), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
@@ -179,17 +181,20 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
     fast = runner.fast
     assert fast.lm_head.blocks is not None
     assert all(linear.blocks is not None for w in fast.layers for linear in (w.qkv, w.o, w.gate_up, w.down))
-    # The bench's roofline: a batch-1 step reads exactly the file's blocks (and the norms); larger steps read the
-    # bf16 copy, then the fp32 weights.
+    # The bench's roofline: a decode step reads exactly the file's blocks (and the norms), at every size up to
+    # COMPACT_ROWS; a larger step (a prefill) the fp32 weights.
     gguf_file = gguf_weights.source_of(str(quantized_tiny_dir))
     norms = sum(w.input_norm.nbytes + w.post_norm.nbytes for w in fast.layers) + fast.final_norm.nbytes
     assert roofline.cost_of(runner).weight_bytes == sum(t.data.nbytes for t in GGUFReader(gguf_file).tensors) + norms
     down = fast.layers[0].down
-    assert (down.bytes_read(2), down.bytes_read(3), down.bytes_read(64)) == (
-        down.blocks[1].nbytes, down.fp32_bytes // 2, down.fp32_bytes)
-    # Batches of 1 and 2 rows read the blocks, in one kernel call and on the eager path alike.
-    for batch in (1, 2):
-        prompts = [tokenizer(text).input_ids for text in ("The capital of France is", "def add(a, b):")[:batch]]
+    assert down.bf16 is None   # the blocks replace the bf16 copy
+    assert [down.bytes_read(rows) for rows in (1, 3, COMPACT_ROWS, COMPACT_ROWS + 1)] == [down.blocks[1].nbytes] * 3 + [
+        down.fp32_bytes]
+    # Steps of 1, 2 (the per-row tiles) and 5 rows (dequantised panels) read the blocks, in one kernel call and on
+    # the eager path alike.
+    texts = ("The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3,", "Bonjour")
+    for batch in (1, 2, 5):
+        prompts = [tokenizer(text).input_ids for text in texts[:batch]]
         kernel_logits, eager_logits = _decode_logits_both_ways(runner, _decode_ready_engine(runner, prompts))
         torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
     # The same weights as the fp32 model: greedy output equals transformers' on the dequantised model.
