@@ -447,10 +447,49 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return sum8(acc);
 }
 
-inline void axpy(float a, const float* x, float* y, int64_t D) {
-  const __m256 av = _mm256_set1_ps(a);
-  for (int64_t i = 0; i < D; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+// out[i] = scale * (q . key of slot i) over n keys (D floats each), 8 keys at a time: their eight accumulators
+// are reduced together by a transpose of horizontal adds, not by one horizontal sum per key.
+void attention_scores(const float* q, const float* keys, const int64_t* slots, int64_t n, int64_t D, float scale,
+                      float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const float* key[8];
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) {
+      key[j] = keys + slots[i + j] * D;
+      acc[j] = _mm256_setzero_ps();
+    }
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[j] + d), acc[j]);
+    }
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+  }
+  for (; i < n; ++i) out[i] = dot(q, keys + slots[i] * D, D) * scale;
+}
+
+// out[d0, d0 + 8V) = sum_i weight * p[i] * value of slot i, accumulated in registers over the n values.
+template <int V>
+inline void weighted_values(const float* p, float weight, const float* values, const int64_t* slots, int64_t n,
+                            int64_t D, int64_t d0, float* out) {
+  __m256 acc[V];
+  for (int k = 0; k < V; ++k) acc[k] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 w = _mm256_set1_ps(p[i] * weight);
+    const float* v = values + slots[i] * D + d0;
+    for (int k = 0; k < V; ++k) acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * k), acc[k]);
+  }
+  for (int k = 0; k < V; ++k) _mm256_storeu_ps(out + d0 + 8 * k, acc[k]);
+}
+
+void attention_output(const float* p, float weight, const float* values, const int64_t* slots, int64_t n, int64_t D,
+                      float* out) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) weighted_values<8>(p, weight, values, slots, n, D, d0, out);
+  for (; d0 < D; d0 += 8) weighted_values<1>(p, weight, values, slots, n, D, d0, out);
 }
 
 }  // namespace
@@ -508,15 +547,10 @@ torch::Tensor decode_layers(torch::Tensor x, torch::Tensor cos, torch::Tensor si
         const float* q = qkv.data() + b * qkv_size + h * D;
         const float* keys = kc + kvh * S * D;
         const float* values = vc + kvh * S * D;
-        float top = -INFINITY;
-        for (int64_t i = 0; i < n; ++i) {
-          scores[i] = dot(q, keys + ctx[b * L + i] * D, D) * scale;
-          top = std::max(top, scores[i]);
-        }
+        attention_scores(q, keys, ctx + b * L, n, D, scale, scores.data());
+        const float top = *std::max_element(scores.begin(), scores.begin() + n);
         const float inverse = 1.0f / exp_shifted(scores.data(), n, top);
-        float* out = attn.data() + b * q_size + h * D;
-        std::fill(out, out + D, 0.0f);
-        for (int64_t i = 0; i < n; ++i) axpy(scores[i] * inverse, values + ctx[b * L + i] * D, out, D);
+        attention_output(scores.data(), inverse, values, ctx + b * L, n, D, attn.data() + b * q_size + h * D);
       }
     });
     linear_into(attn.data(), w[3], nullptr, proj.data(), B, q_size);
