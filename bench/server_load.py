@@ -79,7 +79,11 @@ async def _workers(url: str, prompts: list[str], concurrency: int, max_tokens: i
             done.append(await stream_completion(session, url, queue.pop(), max_tokens))
 
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    # A connection per request, for both servers: llama-server (cpp-httplib) may close a kept-alive connection after
+    # a streamed reply without saying so, and the next request written on it failed ("Cannot write to closing
+    # transport"). Loopback connects cost a fraction of a millisecond.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         started = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         return done, time.perf_counter() - started
@@ -87,7 +91,10 @@ async def _workers(url: str, prompts: list[str], concurrency: int, max_tokens: i
 
 def run_load(base_url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list[Completion], float]:
     """All prompts through `concurrency` workers against base_url (".../v1"): each completion and the wall time."""
-    return asyncio.run(_workers(f"{base_url}/completions", prompts, concurrency, max_tokens))
+    try:
+        return asyncio.run(_workers(f"{base_url}/completions", prompts, concurrency, max_tokens))
+    except aiohttp.ClientError as exc:   # a dropped connection: the run failed, said as such (not a crashed bench)
+        raise RuntimeError(f"{base_url}: {type(exc).__name__}: {exc}") from exc
 
 
 def _percentile(values: list[float], q: float) -> float | None:
