@@ -150,9 +150,7 @@ def measure(model_path: str) -> Limits:
             linears = [w.qkv, w.o, w.gate_up, w.down]
             sizes = [linear.in_features for linear in linears]
             if all(linear.packed is not None for linear in linears):   # the prefill's fp32 product
-                onednn = [lambda x, linear=linear: torch.ops.mkldnn._linear_pointwise(
-                    x, linear.packed, linear.bias, "none", [], "") for linear in linears]
-                rates["onednn_fp32_64_rows"] = _gflops(onednn, sizes, 64)
+                rates["onednn_fp32_64_rows"] = _gflops([linear.fp32 for linear in linears], sizes, 64)
             if w.gate_up.kernels is not None:   # a decode step's: our kernel over the compact weights
                 rates[f"engine_compact_kernel_{COMPACT_ROWS}_rows"] = _gflops(linears, sizes, COMPACT_ROWS)
         else:   # transformers' forward: its first layer's MLP through torch's fp32 matmul

@@ -178,7 +178,10 @@ inline float half_dot(const uint8_t* p, const float* v, int64_t n) {
 }
 
 template <bool Q4>
-constexpr int64_t quant_bytes() { return Q4 ? 16 : 32; }
+constexpr int64_t quant_bytes() { return Q4 ? 16 : 32; }   // a block's quants
+
+template <bool Q4>
+constexpr int64_t block_bytes() { return Q4 ? 20 : 34; }   // a block's quants, scale (and minimum)
 
 // The 32 quants of block b as four vectors of 8 floats (weights 0-7, 8-15, 16-23, 24-31); Q4_1's times 16^k.
 template <bool Q4>
@@ -187,7 +190,7 @@ inline void block_values(const uint8_t* quants, int64_t b, __m256 q[4]) {
     const __m256i lanes =
         _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 16 * b)));
     // Masked in place, not shifted down: nibble k converts to q * 16^k exactly, and x comes pre-scaled by 16^-k
-    // (scaled_for_q4), so every product is the same float as x * q, one instruction fewer per 8 weights.
+    // (linear_quant_into), so every product is the same float as x * q, one instruction fewer per 8 weights.
     for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(0x0F << (4 * k))));
   } else {
     const uint8_t* p = quants + 32 * b;
@@ -217,7 +220,7 @@ inline void quant_tile(const float* x, const uint8_t* w, int64_t row_bytes, cons
         // The same place in the next tile's rows (a tile's rows are contiguous; row j's quants and scales pass
         // by in step with b), a tile's work ahead: the hardware prefetcher alone, or a fixed distance into rows
         // that this tile reads anyway, left the batch-1 loop waiting on memory (SmolLM2's layers: 13.5 -> ~9 ms).
-        _mm_prefetch(reinterpret_cast<const char*>(rows[j] + NB * row_bytes + b * (Q4 ? 20 : 34)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[j] + NB * row_bytes + b * block_bytes<Q4>()), _MM_HINT_T0);
         __m256 q[4];
         block_values<Q4>(rows[j], b, q);
         const __m256 d = _mm256_broadcast_ss(&scale[j][i]);
@@ -265,24 +268,19 @@ void quant_columns(const float* xp, const uint8_t* wp, int64_t row_bytes, const 
 }
 
 // Weight row `row` (repacked blocks) as its exact fp32 values: Q4_1's d * q (exact: 4 x 11 significant bits) + m
-// rounds once, as the dequantisation that built the fp32 model does; Q8_0's d * q is exact.
+// rounds once, as the dequantisation that built the fp32 model does; Q8_0's d * q is exact. block_values gives
+// Q4_1's nibble k as q * 16^k, so its scale is taken as d * 16^-k (exact too): the product is d * q all the same.
 template <bool Q4>
 inline void dequantize_row(const uint8_t* row, float* out, int64_t K) {
   const int64_t blocks = K / 32, scales_at = blocks * quant_bytes<Q4>();
   for (int64_t b = 0; b < blocks; ++b) {
-    const __m256 d = _mm256_set1_ps(half_to_float(row + scales_at + 2 * b));
+    const float d = half_to_float(row + scales_at + 2 * b);
     const __m256 m = _mm256_set1_ps(Q4 ? half_to_float(row + scales_at + 2 * (blocks + b)) : 0.0f);
-    if (Q4) {
-      const __m256i lanes =
-          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b)));
-      for (int k = 0; k < 4; ++k) {
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(lanes, 4 * k), _mm256_set1_epi32(0x0F)));
-        _mm256_storeu_ps(out + 32 * b + 8 * k, _mm256_fmadd_ps(q, d, m));
-      }
-    } else {
-      __m256 q[4];
-      block_values<false>(row, b, q);
-      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 32 * b + 8 * k, _mm256_mul_ps(q[k], d));
+    __m256 q[4];
+    block_values<Q4>(row, b, q);
+    for (int k = 0; k < 4; ++k) {
+      const __m256 scale = _mm256_set1_ps(Q4 ? d / static_cast<float>(1 << (4 * k)) : d);
+      _mm256_storeu_ps(out + 32 * b + 8 * k, _mm256_fmadd_ps(q[k], scale, m));
     }
   }
 }
@@ -311,7 +309,7 @@ void dequantized_panels(const float* xp, const uint8_t* wp, int64_t row_bytes, c
 template <bool Q4>
 void linear_quant_into(const float* xp, const uint8_t* wp, const float* bp, float* yp, int64_t M, int64_t K,
                        int64_t N) {
-  const int64_t blocks = K / 32, row_bytes = blocks * (Q4 ? 20 : 34);
+  const int64_t blocks = K / 32, row_bytes = blocks * block_bytes<Q4>();
   if (M >= 4) return dequantized_panels<Q4>(xp, wp, row_bytes, bp, yp, M, K, N);
   std::vector<float> xsum(Q4 ? M * blocks : 0, 0.0f), scaled(Q4 ? M * K : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
@@ -336,8 +334,8 @@ template <bool Q4>
 torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K, "x must be [M, K] float32");
   TORCH_CHECK(K % 32 == 0, "the input size must be a multiple of 32");
-  const int64_t block_bytes = Q4 ? 20 : 34, blocks = K / 32;
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 && weight.size(1) == blocks * block_bytes,
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 &&
+                  weight.size(1) == K / 32 * block_bytes<Q4>(),
               "weight must be [N, K / 32 * block bytes] uint8");
   x = x.contiguous();
   weight = weight.contiguous();
@@ -364,7 +362,7 @@ void linear_into(const float* x, const torch::Tensor& w, const float* bias, floa
   const int64_t N = w.size(0);
   if (w.scalar_type() == torch::kBFloat16) {
     linear_bf16_into(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), bias, y, M, K, N);
-  } else if (w.size(1) == K / 32 * 20) {
+  } else if (w.size(1) == K / 32 * block_bytes<true>()) {
     linear_quant_into<true>(x, w.data_ptr<uint8_t>(), bias, y, M, K, N);
   } else {
     linear_quant_into<false>(x, w.data_ptr<uint8_t>(), bias, y, M, K, N);

@@ -71,6 +71,10 @@ class Linear:
             if self.kernels is not None:
                 return self.kernels.linear_bf16(x, self.bf16[0], self.bias)
             return F.linear(x.to(torch.bfloat16), *self.bf16).to(x.dtype)
+        return self.fp32(x)
+
+    def fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The product over the fp32 weights (oneDNN's packed copy where there is one): a prefill's path."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
