@@ -193,8 +193,8 @@ class Engine:
         seq.on_output(output or SequenceOutput([], reason))
 
     def join_running(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
-        """(Loop thread.) seq's prompt is in the cache (its KV blocks received): it joins the running batch with
-        its first token, computed elsewhere."""
+        """(Loop thread.) seq's prompt is in the cache (its KV blocks received): its first token, computed
+        elsewhere, goes out now; it joins the running batch once the batch has a place (max_num_seqs)."""
         self.scheduler.join_running(seq)
         self._now = time.perf_counter()
         self._append_token(seq, token, logprobs)

@@ -60,6 +60,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order: the last is the youngest
+        self.ready: deque[Sequence] = deque()   # received prompts (their blocks held), waiting for a place to run
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0      # prompt tokens looked up in the prefix cache / found there
         self.prefix_hit_tokens = 0
@@ -68,18 +69,20 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ready)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self.running), waiting=len(self.waiting),
+        return EngineStats(running=len(self.running), waiting=len(self.waiting) + len(self.ready),
                            kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used)
 
     def join_running(self, seq: Sequence) -> None:
-        """seq's prompt is in the cache already (its KV blocks received from a prefill engine): it runs from now."""
+        """seq's prompt is in the cache already (its KV blocks received from a prefill engine): it runs from the
+        next step that has a place for it. Received prompts count against max_num_seqs as any other: they wait,
+        in arrival order and ahead of prompts still to prefill, while the batch is full."""
         seq.num_computed = seq.num_tokens
         self.blocks.register_full_blocks(seq)
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        seq.status = SequenceStatus.READY
+        self.ready.append(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Removes seq wherever it is and frees its blocks (and its beams')."""
@@ -87,6 +90,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.READY:
+            self.ready.remove(seq)
         # RECEIVING: in neither queue until its transferred KV cache is complete (Scheduler.join_running)
         for member in seq.strategy.members(seq):
             self.blocks.free(member)
@@ -95,6 +100,13 @@ class Scheduler:
         seq.finish_reason = reason
 
     def schedule(self) -> list[ScheduledChunk]:
+        if self.ready:
+            rows = sum(_width(seq) for seq in self.running)
+            while self.ready and rows + _width(self.ready[0]) <= self.max_num_seqs:
+                seq = self.ready.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                rows += _width(seq)
         budget = self.max_num_batched_tokens
         scratch = self.scratch_slots
         chunks: list[ScheduledChunk] = []
@@ -128,7 +140,7 @@ class Scheduler:
         # 2. Waiting sequences, oldest first, while the budget, the sequence limit (a beam search counts its beams)
         #    and the free blocks allow.
         rows = sum(_width(seq) for seq in self.running) if self.waiting else 0
-        while self.waiting and budget > 0 and rows + _width(self.waiting[0]) <= self.max_num_seqs:
+        while self.waiting and not self.ready and budget > 0 and rows + _width(self.waiting[0]) <= self.max_num_seqs:
             seq = self.waiting[0]
             if self._prefix_in_flight(seq):
                 break

@@ -42,6 +42,7 @@ OutputCallback = Callable[[SequenceOutput], None]
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RECEIVING = "receiving"      # its prompt's KV cache is on its way from a prefill engine (disaggregated serving)
+    READY = "ready"              # that cache arrived whole: it waits for a place in the batch (--max-num-seqs)
     RUNNING = "running"
     FINISHED = "finished"
 

@@ -10,6 +10,7 @@ Each layer applies its own options as transformers passes them: `sliding_window`
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -42,17 +43,19 @@ class StepContext:
     decode_lengths: torch.Tensor | None = None   # [num_decode] context length of each decode (the unpadded slots)
 
 
-_context: StepContext | None = None
+# Per thread: each engine's step loop runs its forward passes on its own thread, and two engines in one process
+# (a prefill and a decode engine in the tests) must not see each other's step.
+_steps = threading.local()
 
 
 def set_step_context(context: StepContext | None) -> None:
-    global _context
-    _context = context
+    _steps.context = context
 
 
 def current_step() -> StepContext:
-    assert _context is not None, "a forward pass outside an engine step"
-    return _context
+    context = getattr(_steps, "context", None)
+    assert context is not None, "a forward pass outside an engine step"
+    return context
 
 
 def _soft_capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -35,7 +35,7 @@ class Collector:
                 self.tokens[request_id].extend(output.token_ids)
                 if output.finish_reason:
                     self.reasons[request_id] = output.finish_reason
-                    self.done.notify_all()
+                self.done.notify_all()   # every output: waits on token counts too
         return on_output
 
     def wait(self, count: int, timeout: float = 120) -> None:

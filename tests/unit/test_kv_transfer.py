@@ -13,7 +13,7 @@ from engine_service.engine import EngineFullError
 from engine_service.kv_transfer import (KvExport, TransferError, decode, encode, join_received, layout_of,
                                         start_receiving, write_received)
 from engine_service.sampling import SamplingParams
-from engine_service.sequence import SequenceOutput
+from engine_service.sequence import SequenceOutput, SequenceStatus
 from tests.helpers import reference_greedy
 from tests.unit.test_engine import BLOCK_BYTES, Collector, make_engine
 
@@ -94,6 +94,48 @@ def test_a_full_decode_engine_refuses_and_an_abort_frees_the_blocks(tiny_model_d
         assert _idle(small)
     finally:
         small.stop()
+
+
+def test_received_prompts_wait_for_a_place_in_the_batch(tiny_model_dir, engines, tiny_model):
+    """A received prompt counts against --max-num-seqs as a local one: with the batch full it waits (its first
+    token, computed by the prefill engine, goes out at once) and runs when a place frees."""
+    prefill, _ = engines
+    narrow = make_engine(tiny_model_dir, max_num_seqs=1)
+    try:
+        collector = Collector()
+        moved = narrow.intake.sequence("moved", PROMPT, SamplingParams(max_tokens=12), collector.callback("moved"))
+        skip = narrow.call_in_loop(start_receiving, narrow, moved).result(30)
+        chunks, first = export_prompt(prefill, "moved-narrow", skip)
+        layout = layout_of(narrow)
+        for chunk in chunks:
+            narrow.call_in_loop(write_received, narrow, moved, chunk.first_block, decode(chunk, layout)).result(30)
+        busy = narrow.add_request("busy", list(range(500, 520)), SamplingParams(max_tokens=1500, ignore_eos=True),
+                                  collector.callback("busy"))
+        wait_until_streamed(collector, "busy", 1)            # it runs: the one place in the batch is taken
+
+        def join() -> int:
+            join_received(narrow, moved, first, None)
+            return len(busy.generated_ids)
+        generated_at_join = narrow.call_in_loop(join).result(30)
+        assert generated_at_join < 1000      # busy still has hundreds of steps to run
+        wait_until_streamed(collector, "busy", generated_at_join + 3)
+        statuses = narrow.call_in_loop(lambda: (busy.status, moved.status, narrow.stats())).result(30)
+        assert statuses[:2] == (SequenceStatus.RUNNING, SequenceStatus.READY)
+        assert (statuses[2].running, statuses[2].waiting) == (1, 1)
+        assert collector.tokens["moved"] == [first]          # its first token only: it has not run yet
+        narrow.abort("busy")                                 # a place frees: the received prompt runs
+        collector.wait(2)
+        assert collector.reasons == {"busy": "abort", "moved": "length"}
+        assert collector.tokens["moved"] == reference_greedy(tiny_model, PROMPT, 12)
+        assert _idle(narrow)
+    finally:
+        narrow.stop()
+
+
+def wait_until_streamed(collector: Collector, request_id: str, count: int, timeout: float = 60) -> None:
+    with collector.lock:
+        assert collector.done.wait_for(lambda: len(collector.tokens[request_id]) >= count or request_id in
+                                       collector.reasons, timeout), f"{request_id}: fewer than {count} tokens"
 
 
 def _idle(engine) -> bool:
