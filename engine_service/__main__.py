@@ -32,10 +32,9 @@ class EngineConfig:
     prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV cache of shared prompt prefixes"})
     compact_decode_weights: bool = field(default=True, metadata={
         "deprecated_names": ("small_step_bf16",),
-        "help": "CPU, fp32 models: decode steps of up to 16 sequences read compact weights, in one kernel call per "
-                "step: a GGUF-sourced model's own Q4_1/Q8_0 blocks at 1-2 rows (its exact weights), a bf16 copy "
-                "otherwise (fp32 activations and accumulation on AVX2; greedy output then matches fp32 up to "
-                "near-ties)"})
+        "help": "CPU, fp32 models: decode steps of up to 64 sequences read compact weights, in one kernel call per "
+                "step: a GGUF-sourced model's own Q4_1/Q8_0 blocks (its exact weights), a bf16 copy otherwise "
+                "(fp32 activations and accumulation on AVX2; greedy output then matches fp32 up to near-ties)"})
     fast_path: bool = field(default=True, metadata={"help": "hand-written forward pass for Llama-family models"})
     draft_layers: int = field(default=-1, metadata={
         "help": "speculative=\"draft\" requests draft with the model's first N layers (self-speculative early "
