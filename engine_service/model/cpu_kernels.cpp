@@ -16,9 +16,13 @@
 
 namespace {
 
-// Runs f(begin, end) over [0, n) in chunks that torch's threads take one at a time, as each finishes its last:
-// on a shared machine one thread is often descheduled for a while, and with a static split (at::parallel_for)
-// the others then wait for its half at the end of every loop. Here they take over its remaining chunks.
+// Runs f(begin, end) over [0, n) in chunks. Each of torch's threads starts on its own contiguous share of the
+// chunks, read front to back, and once that share is done takes the others' remaining chunks from their far end.
+// On a shared machine one thread is often descheduled for a while: the others then take over its chunks, where a
+// static split (at::parallel_for) would wait for its half at the end of every loop. And a few-row product is
+// bound by reading the weights: one unbroken stream per thread keeps the prefetchers ahead, where chunks dealt in
+// turn made every thread jump at every chunk (SmolLM2's matrices, 2 threads, interleaved runs, median of 7: one
+// row, layers 5.9 -> 4.6 ms and head 2.3 -> 2.0 ms; 16 rows, layers 42 -> 33 ms).
 template <class F>
 void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
   const int64_t chunks = (n + chunk - 1) / chunk;
@@ -27,9 +31,25 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
     f(0, n);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) f(c * chunk, std::min(n, (c + 1) * chunk));
+  // Share t holds chunks [front, back), packed as front << 32 | back: its owner takes the front, the others the back.
+  std::vector<std::atomic<uint64_t>> shares(threads);
+  for (int64_t t = 0; t < threads; ++t)
+    shares[t] = static_cast<uint64_t>(chunks * t / threads) << 32 | static_cast<uint64_t>(chunks * (t + 1) / threads);
+  const auto take = [&](int64_t t, bool front) -> int64_t {
+    uint64_t range = shares[t].load();
+    while (true) {
+      const uint64_t first = range >> 32, last = range & 0xFFFFFFFFu;
+      if (first >= last) return -1;
+      const uint64_t rest = front ? (first + 1) << 32 | last : first << 32 | (last - 1);
+      if (shares[t].compare_exchange_weak(range, rest)) return static_cast<int64_t>(front ? first : last - 1);
+    }
+  };
+  // One call per thread (grain 1); nested in another parallel region it is one call for all: still every chunk.
+  at::parallel_for(0, threads, 1, [&](int64_t me, int64_t) {
+    for (int64_t i = 0; i < threads; ++i) {
+      const int64_t t = (me + i) % threads;
+      for (int64_t c = take(t, i == 0); c >= 0; c = take(t, i == 0)) f(c * chunk, std::min(n, (c + 1) * chunk));
+    }
   });
 }
 
@@ -261,7 +281,7 @@ template <bool Q4, int NB, int MB>
 void quant_columns(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* sp, const float* bp,
                    float* yp, int64_t M, int64_t K, int64_t N) {
   const int64_t groups = N / NB;
-  parallel_chunks(groups, 64 / NB, [&](int64_t begin, int64_t end) {
+  parallel_chunks(groups, 16 / NB, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) quant_rows<Q4, NB, MB>(xp, wp, row_bytes, sp, yp, bp, M, NB * g, K, N);
   });
   for (int64_t n = groups * NB; n < N; ++n) quant_rows<Q4, 1, MB>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
