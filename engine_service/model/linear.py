@@ -7,7 +7,7 @@ weights, and compact weights are fewer bytes. A GGUF-sourced model's own blocks 
 exact weights at 0.6-1.1 bytes each) serve every such step; other models read a bf16 copy (half the bytes). On
 AVX2 CPUs our own kernels (cpu_kernels.cpp) widen either to fp32 in registers and accumulate in fp32 with fp32
 activations: from 4 rows on they run at the fp32 FMA rate (as fast as oneDNN's fp32 product up to 64 rows,
-measured on the CI machine), below it they are bound by the widening and reading. Without the kernels, torch's
+measured on the CI machine), below it they are bound by reading the weights. Without the kernels, torch's
 bf16 matmul serves 1-2 rows; it is never used for larger steps, far slower in bf16 on CPUs without bf16
 instructions.
 """
