@@ -55,19 +55,29 @@ class Linear:
         """The weights our kernels read for a decode step: GGUF blocks where there are some, else bf16."""
         return self.blocks[1] if self.blocks is not None else self.bf16[0]
 
-    def bytes_read(self, rows: int) -> int:
-        """The bytes of weights a step of `rows` rows reads: the format __call__ picks for it (bench/roofline.py)."""
+    def weights_for(self, rows: int) -> str:
+        """Which weights a step of `rows` rows reads: "blocks", "bf16" or "fp32" (__call__ and bytes_read)."""
         if self.blocks is not None and rows <= COMPACT_ROWS:
-            return self.blocks[1].nbytes
+            return "blocks"
         if self.bf16 is not None and rows <= self.bf16_rows:
+            return "bf16"
+        return "fp32"
+
+    def bytes_read(self, rows: int) -> int:
+        """The bytes of weights a step of `rows` rows reads (bench/roofline.py)."""
+        weights = self.weights_for(rows)
+        if weights == "blocks":
+            return self.blocks[1].nbytes
+        if weights == "bf16":
             return self.bf16[0].nbytes
         return self.fp32_bytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is not None and x.shape[0] <= COMPACT_ROWS:
+        weights = self.weights_for(x.shape[0])
+        if weights == "blocks":
             kernel, blocks, in_features = self.blocks
             return kernel(x, blocks, in_features, self.bias)
-        if self.bf16 is not None and x.shape[0] <= self.bf16_rows:
+        if weights == "bf16":
             if self.kernels is not None:
                 return self.kernels.linear_bf16(x, self.bf16[0], self.bias)
             return F.linear(x.to(torch.bfloat16), *self.bf16).to(x.dtype)
