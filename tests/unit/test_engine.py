@@ -42,6 +42,12 @@ class Collector:
         with self.lock:
             assert self.done.wait_for(lambda: len(self.reasons) >= count, timeout), self.reasons
 
+    def wait_tokens(self, request_id: str, count: int, timeout: float = 120) -> None:
+        """Until request_id has streamed `count` tokens (or ended)."""
+        with self.lock:
+            assert self.done.wait_for(lambda: len(self.tokens[request_id]) >= count or request_id in self.reasons,
+                                      timeout), f"{request_id}: fewer than {count} tokens"
+
 
 def make_engine(model_dir, kv_blocks: int = 4096, max_num_batched_tokens: int = 2048, max_num_seqs: int = 64,
                 max_waiting: int = 1000, fast_path: bool = True, prefix_caching: bool = True,

@@ -43,16 +43,23 @@ def export_prompt(prefill, request_id: str, skip_blocks: int):
     return chunks, first[0]
 
 
+def receive_prompt(prefill, engine, seq, export_id: str):
+    """seq's prompt computed on the prefill engine and its blocks written into engine (not joined yet): returns the
+    chunks sent, the blocks engine held already, and the first token."""
+    skip = engine.call_in_loop(start_receiving, engine, seq).result(30)
+    chunks, first = export_prompt(prefill, export_id, skip)
+    layout = layout_of(engine)
+    for chunk in chunks:
+        engine.call_in_loop(write_received, engine, seq, chunk.first_block, decode(chunk, layout)).result(30)
+    return chunks, skip, first
+
+
 def test_transferred_blocks_continue_like_a_local_prefill(engines, tiny_model):
     prefill, decoding = engines
     collector = Collector()
     seq = decoding.intake.sequence("moved", PROMPT, SamplingParams(max_tokens=12), collector.callback("moved"))
-    skip = decoding.call_in_loop(start_receiving, decoding, seq).result(30)
-    chunks, first = export_prompt(prefill, "moved", skip)
+    chunks, skip, first = receive_prompt(prefill, decoding, seq, "moved")
     assert len(chunks) >= 2 and chunks[0].first_block == skip       # sent as the two prefill steps ended
-    layout = layout_of(decoding)
-    for chunk in chunks:
-        decoding.call_in_loop(write_received, decoding, seq, chunk.first_block, decode(chunk, layout)).result(30)
     decoding.call_in_loop(join_received, decoding, seq, first, None).result(30)
     collector.wait(1)
     assert collector.tokens["moved"] == reference_greedy(tiny_model, PROMPT, 12)
@@ -104,21 +111,17 @@ def test_received_prompts_wait_for_a_place_in_the_batch(tiny_model_dir, engines,
     try:
         collector = Collector()
         moved = narrow.intake.sequence("moved", PROMPT, SamplingParams(max_tokens=12), collector.callback("moved"))
-        skip = narrow.call_in_loop(start_receiving, narrow, moved).result(30)
-        chunks, first = export_prompt(prefill, "moved-narrow", skip)
-        layout = layout_of(narrow)
-        for chunk in chunks:
-            narrow.call_in_loop(write_received, narrow, moved, chunk.first_block, decode(chunk, layout)).result(30)
+        _, _, first = receive_prompt(prefill, narrow, moved, "moved-narrow")
         busy = narrow.add_request("busy", list(range(500, 520)), SamplingParams(max_tokens=1500, ignore_eos=True),
                                   collector.callback("busy"))
-        wait_until_streamed(collector, "busy", 1)            # it runs: the one place in the batch is taken
+        collector.wait_tokens("busy", 1)            # it runs: the one place in the batch is taken
 
         def join() -> int:
             join_received(narrow, moved, first, None)
             return len(busy.generated_ids)
         generated_at_join = narrow.call_in_loop(join).result(30)
         assert generated_at_join < 1000      # busy still has hundreds of steps to run
-        wait_until_streamed(collector, "busy", generated_at_join + 3)
+        collector.wait_tokens("busy", generated_at_join + 3)
         statuses = narrow.call_in_loop(lambda: (busy.status, moved.status, narrow.stats())).result(30)
         assert statuses[:2] == (SequenceStatus.RUNNING, SequenceStatus.READY)
         assert (statuses[2].running, statuses[2].waiting) == (1, 1)
@@ -131,11 +134,6 @@ def test_received_prompts_wait_for_a_place_in_the_batch(tiny_model_dir, engines,
     finally:
         narrow.stop()
 
-
-def wait_until_streamed(collector: Collector, request_id: str, count: int, timeout: float = 60) -> None:
-    with collector.lock:
-        assert collector.done.wait_for(lambda: len(collector.tokens[request_id]) >= count or request_id in
-                                       collector.reasons, timeout), f"{request_id}: fewer than {count} tokens"
 
 
 def _idle(engine) -> bool:
