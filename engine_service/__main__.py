@@ -36,6 +36,8 @@ class EngineConfig:
                 "step: a GGUF-sourced model's own Q4_1/Q8_0 blocks (its exact weights), a bf16 copy otherwise "
                 "(fp32 activations and accumulation on AVX2; greedy output then matches fp32 up to near-ties)"})
     fast_path: bool = field(default=True, metadata={"help": "hand-written forward pass for Llama-family models"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "GPUs: plain decode steps replay CUDA graphs captured at start, one per batch size"})
     draft_layers: int = field(default=-1, metadata={
         "help": "speculative=\"draft\" requests draft with the model's first N layers (self-speculative early "
                 "exit); -1 = a quarter of the layers, 0 = no draft model"})
@@ -74,7 +76,7 @@ async def serve(config: EngineConfig) -> None:
         resolve_model(config.model), model_display_name(config.model), device, pick_dtype(config.dtype, device),
         kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
         max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching,
-        fault_token_id=config.fault_token_id, step_delay=config.step_delay_seconds,
+        fault_token_id=config.fault_token_id, step_delay=config.step_delay_seconds, cuda_graphs=config.cuda_graphs,
         compact_decode_weights=config.compact_decode_weights and device.type == "cpu")
     engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                     draft_layers=config.draft_layers)

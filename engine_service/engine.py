@@ -45,6 +45,7 @@ class Engine:
         self.runner = runner
         self.model_spec = runner.model_spec
         self.scheduler = Scheduler(runner.blocks, max_num_seqs, max_num_batched_tokens, runner.cache.scratch_slots)
+        runner.capture_graphs(max_num_seqs)
         self.sampler = Sampler(runner.device)
         self.grammars = Grammars(runner.model_path, self.model_spec.vocab_size, self.model_spec.eos_token_ids)
         self.intake = Intake(self.model_spec, max_num_seqs, runner.draft_layers(draft_layers), self.grammars)

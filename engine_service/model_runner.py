@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from common.logs import kv
 from engine_service.kv_cache import BlockManager, CacheShape, KVCache
 from engine_service.sampling import SamplingParams
-from engine_service.model import attention, gguf_weights, llama
+from engine_service.model import attention, gguf_weights, llama, paged_decode
+from engine_service.model.cuda_graphs import DecodeGraphs
 from engine_service.scheduler import ScheduledChunk
 from engine_service.sequence import Sequence
 
@@ -115,7 +116,7 @@ class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
                  prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False,
-                 step_delay: float = 0.0) -> None:
+                 step_delay: float = 0.0, cuda_graphs: bool = True) -> None:
         self.model_path = model_path   # also the tokenizer's folder (structured output's vocabulary)
         self.device = device
         self.dtype = dtype
@@ -139,6 +140,11 @@ class ModelRunner:
             head_dim=head_dim,
             dtype=dtype,
         )
+        # GPUs: decode attention reads the paged cache in place (a Triton kernel), and plain decode steps replay
+        # CUDA graphs (capture_graphs).
+        self.paged_kernel = self.fast is not None and paged_decode.available(device)
+        self.use_graphs = cuda_graphs
+        self.graphs: DecodeGraphs | None = None
         num_blocks = max(1, kv_cache_bytes // (shape.bytes_per_token() * block_size))
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
@@ -207,6 +213,10 @@ class ModelRunner:
             raise RuntimeError(f"injected fault: token {self.fault_token_id} in the step")
         if self.step_delay:
             time.sleep(self.step_delay)
+        if (self.graphs is not None and decodes and not chains and not others and num_layers is None
+                and all(c.yields_token for c in decodes)
+                and self.graphs.fits(len(decodes), max(len(c.seq.block_table) for c in decodes))):
+            return self._graph_step(decodes, token_ids, positions)
         position_tensor = torch.tensor(positions, dtype=torch.long)
         ordered = decodes + chains + others
         width = max(len(c.seq.block_table) for c in ordered)
@@ -214,7 +224,7 @@ class ModelRunner:
                              dtype=torch.long)
         slot_parts: list[torch.Tensor] = []
         slots_of: dict[ScheduledChunk, list[int]] = {}
-        decode_slots = decode_mask = lengths = None
+        decode_slots = decode_mask = lengths = decode_tables = None
         num_rows = len(row_chunk)
         if num_rows:
             row_table = table[torch.tensor(row_chunk, dtype=torch.long)]
@@ -222,13 +232,17 @@ class ModelRunner:
             row_slots = self._slots(row_table, row_positions.unsqueeze(1))[:, 0]
             slot_parts.append(row_slots)
             lengths = row_positions + 1
-            max_len = int(lengths.max())
-            span = torch.arange(max_len, dtype=torch.long).expand(num_rows, max_len)
-            valid = span < lengths.unsqueeze(1)
-            decode_slots = self._slots(row_table, span.clamp(max=max_len - 1) * valid)
-            if not bool(valid.all()):
-                decode_mask = valid.view(1, num_rows, 1, max_len).to(device)
-            decode_slots = decode_slots.to(device)
+            if self.paged_kernel:   # the kernel reads the cache through the block tables
+                decode_tables = row_table.to(torch.int32).to(device, non_blocking=True)
+                lengths = lengths.to(torch.int32).to(device, non_blocking=True)
+            else:
+                max_len = int(lengths.max())
+                span = torch.arange(max_len, dtype=torch.long).expand(num_rows, max_len)
+                valid = span < lengths.unsqueeze(1)
+                decode_slots = self._slots(row_table, span.clamp(max=max_len - 1) * valid)
+                if not bool(valid.all()):
+                    decode_mask = valid.view(1, num_rows, 1, max_len).to(device)
+                decode_slots = decode_slots.to(device)
             row_slot_list = row_slots.tolist()
             first = 0
             for c in decodes + chains:
@@ -292,7 +306,7 @@ class ModelRunner:
         attention.set_step_context(attention.StepContext(
             k_cache=self.cache.k, v_cache=self.cache.v, slot_mapping=torch.cat(slot_parts).to(device),
             num_decode=num_rows, decode_slots=decode_slots, decode_mask=decode_mask, prefills=prefill_chunks,
-            decode_lengths=lengths))
+            decode_lengths=lengths, decode_tables=decode_tables, block_size=self.block_size))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
         keep_rows = torch.tensor(keep, dtype=torch.long, device=device)
         hidden_rows = torch.tensor(hidden, dtype=torch.long, device=device) if hidden else None
@@ -308,6 +322,23 @@ class ModelRunner:
         for c, first, n in hidden_chunks:
             outputs[c].hidden = states[first: first + n]
         return StepOutput(logits, outputs)
+
+    def _graph_step(self, decodes: list[ScheduledChunk], token_ids: list[int], positions: list[int]) -> StepOutput:
+        """A plain decode step replayed from the CUDA graph of its batch size."""
+        size = self.block_size
+        tables = [c.seq.block_table for c in decodes]
+        slots = [table[p // size] * size + p % size for table, p in zip(tables, positions)]
+        logits = self.graphs.run(token_ids, positions, slots, tables)
+        return StepOutput(logits, {c: ChunkOutput(range(i, i + 1), [slots[i]]) for i, c in enumerate(decodes)})
+
+    def capture_graphs(self, max_rows: int) -> None:
+        """GPUs: captures the decode step's CUDA graphs for up to max_rows rows (the engine's max_num_seqs)."""
+        if self.use_graphs and self.paged_kernel and self.device.type == "cuda" and self.graphs is None:
+            try:
+                self.graphs = DecodeGraphs(self.fast, self.cache.k, self.cache.v, self.block_size,
+                                           self.model_spec.max_context_length, max_rows, self.cache.scratch_base)
+            except Exception:   # the engine still serves, every step eager (and says so)
+                log.exception("capturing the decode CUDA graphs failed; decode steps run eagerly")
 
     def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, keep_rows: torch.Tensor,
                    hidden_rows: torch.Tensor | None, num_layers: int | None

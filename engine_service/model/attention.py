@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from engine_service.model import paged_decode
+
 ATTENTION_NAME = "splitserve_paged"
 
 
@@ -41,6 +43,10 @@ class StepContext:
     decode_mask: torch.Tensor | None     # [1, num_decode, 1, max_len] True where attended; None if no padding
     prefills: list[PrefillChunk]
     decode_lengths: torch.Tensor | None = None   # [num_decode] context length of each decode (the unpadded slots)
+    # GPUs: each decode row's block table [num_decode, W] (on the device, with decode_lengths there too); the
+    # paged_decode kernel reads the cache in place through it, and decode_slots/decode_mask are not built.
+    decode_tables: torch.Tensor | None = None
+    block_size: int = 0
 
 
 # Per thread: each engine's step loop runs its forward passes on its own thread, and two engines in one process
@@ -111,7 +117,12 @@ def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torc
     v_cache.index_copy_(1, ctx.slot_mapping, value.transpose(0, 1).to(v_cache.dtype))
     device = query.device
     outputs: list[torch.Tensor] = []
-    if ctx.num_decode:
+    if ctx.num_decode and ctx.decode_tables is not None:
+        assert sliding_window is None and softcap is None, "the paged decode kernel has no window or softcap"
+        outputs.append(paged_decode.paged_decode_attention(
+            query[: ctx.num_decode], k_cache, v_cache, ctx.decode_tables, ctx.decode_lengths, ctx.block_size,
+            scaling if scaling is not None else query.shape[-1] ** -0.5))
+    elif ctx.num_decode:
         batch, length = ctx.decode_slots.shape
         flat = ctx.decode_slots.view(-1)
         k = k_cache.index_select(1, flat).view(k_cache.shape[0], batch, length, k_cache.shape[2])

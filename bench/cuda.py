@@ -1,0 +1,463 @@
+"""`make bench DEVICE=cuda` (python -m bench.cuda): the engine on a GPU, checked and timed against transformers on
+the same random-weight models, with the GPU's own limits measured in the same run -> bench/results/cuda.json.
+
+No weights travel to a GPU machine: the models are built there from a config, seeded (a SmolLM2-shaped model for
+the correctness checks, with SmolLM2's tokenizer so that the three services can serve it; a Llama-3.2-1B-shaped
+model for speed). Sections:
+- limits: HBM bandwidth (a device-to-device copy) and the bf16 matmul rate (8192^3), measured here and now;
+- correctness: greedy through the engine (in process, 16 prompts 8 at a time, bf16 and fp32; and through the three
+  services on loopback) against `model.generate(do_sample=False)` in the same dtype, up to near-ties (the e2e
+  suite's rule); prefix caching, chunked prefill, preemption, eager steps and the gather attention keep the
+  graph-replayed engine's tokens; the CUDA tests of the suite (sampler, paged kernel, graphs);
+- scenarios (1B-shaped, bf16): one stream (TPOT against the bandwidth floor), 16 and 64 streams against
+  generate's static batch, and a 2,048-token prefill against the matmul rate.
+`--dry-run` runs the same code on the CPU with tiny shapes (no limits, no graphs): a check of the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from common.models import resolve_model
+from engine_service.engine import Engine
+from engine_service.model_runner import ModelRunner
+from engine_service.sampling import SamplingParams
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0)
+LLAMA_1B_SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0)
+TINY_SHAPE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+KV_GIB = 4.0             # the KV cache of the correctness engines (--dry-run: 0.05)
+NEAR_TIE_NATS = 0.5      # tests/e2e: at the first difference, the two tokens' log-probabilities within this
+
+
+def log(*parts: object) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(folder: Path, shape: dict, device: torch.device, seed: int) -> Path:
+    """A seeded random LlamaForCausalLM saved in bf16 (loads in any dtype), with SmolLM2's tokenizer files."""
+    config = LlamaConfig(**shape, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         initializer_range=0.3 if shape["hidden_size"] < 1024 else 0.02)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    source = Path(os.environ.get("SPLITSERVE_TOKENIZER") or resolve_model("smollm2"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    del model
+    return folder
+
+
+class Runs:
+    """An in-process engine and the requests sent to it: each request's tokens and token arrival times."""
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, kv_gib: float | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
+                 prefix_caching: bool = True) -> None:
+        self.runner = ModelRunner(str(folder), folder.name, device, dtype, kv_cache_bytes=int((kv_gib or KV_GIB) * (1 << 30)),
+                                  block_size=block_size, max_model_len=4096, prefix_caching=prefix_caching)
+        self.engine = Engine(self.runner, max_num_seqs, max_num_batched_tokens, max_waiting=1024)
+        self.engine.start()
+        self.count = 0
+
+    def run(self, prompts: list[list[int]], max_tokens: int, concurrency: int | None = None,
+            ignore_eos: bool = True) -> tuple[list[list[int]], list[list[float]], float]:
+        """Sends the prompts (at most `concurrency` in flight) -> (tokens, arrival times, seconds in all)."""
+        tokens: list[list[int]] = [[] for _ in prompts]
+        times: list[list[float]] = [[] for _ in prompts]
+        done = threading.Semaphore(0)
+        started = time.perf_counter()
+
+        def callback(index: int):
+            def on_output(output) -> None:
+                now = time.perf_counter()
+                tokens[index].extend(output.token_ids)
+                times[index].extend([now] * len(output.token_ids))
+                if output.finish_reason:
+                    done.release()
+            return on_output
+
+        limit = concurrency or len(prompts)
+        for index, ids in enumerate(prompts):
+            if index >= limit:
+                assert done.acquire(timeout=600)
+            self.count += 1
+            self.engine.add_request(f"r{self.count}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos),
+                                    callback(index))
+        for _ in range(min(limit, len(prompts))):
+            assert done.acquire(timeout=600)
+        return tokens, times, time.perf_counter() - started
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+def reference(model: torch.nn.Module, ids: list[int], max_tokens: int, ignore_eos: bool = True) -> list[int]:
+    device = next(model.parameters()).device
+    extra = {"min_new_tokens": max_tokens} if ignore_eos else {}
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                             device=device), max_new_tokens=max_tokens, do_sample=False, **extra)
+    return out[0, len(ids):].tolist()
+
+
+def compare(model: torch.nn.Module, prompts: list[list[int]], ours: list[list[int]],
+            expected: list[list[int]]) -> dict:
+    """Our greedy tokens against generate's (`expected`): identical, or apart only from a near-tie (the gap at
+    the first difference, in the reference's log-probabilities)."""
+    device = next(model.parameters()).device
+    identical, gaps, failures = 0, [], []
+    for index, (ids, got, want) in enumerate(zip(prompts, ours, expected)):
+        if got == want:
+            identical += 1
+            continue
+        position = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if position is None:
+            failures.append({"prompt": index, "reason": "one output is a prefix of the other"})
+            continue
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids + want[:position]], device=device)).logits[0, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        gap = float(logprobs[want[position]] - logprobs[got[position]])
+        gaps.append(round(gap, 4))
+        if gap > NEAR_TIE_NATS:
+            failures.append({"prompt": index, "position": position, "gap_nats": round(gap, 4)})
+    return {"prompts": len(prompts), "identical": identical, "near_tie_gaps_nats": gaps, "failures": failures,
+            "passed": not failures}
+
+
+def measure_limits(device: torch.device) -> dict:
+    """HBM bandwidth from a 2 GiB device-to-device copy (bytes read + written), and the bf16 matmul rate."""
+    source = torch.empty(1 << 30, dtype=torch.int16, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    sync(device)
+    rounds = 20
+    started = time.perf_counter()
+    for _ in range(rounds):
+        target.copy_(source)
+    sync(device)
+    copy_gb_s = 2 * source.nbytes * rounds / (time.perf_counter() - started) / 1e9
+    del source, target
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    rounds = 10
+    started = time.perf_counter()
+    for _ in range(rounds):
+        a @ b
+    sync(device)
+    tflops = 2 * 8192 ** 3 * rounds / (time.perf_counter() - started) / 1e12
+    return {"hbm_copy_gb_s": round(copy_gb_s, 1), "bf16_matmul_tflops": round(tflops, 1)}
+
+
+def correctness(folder: Path, device: torch.device, tokens: int, dry: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    from tests.helpers import prompt_ids
+    from tests.prompts import CHATS, PROMPTS
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompts = [prompt_ids(tokenizer, p) for p in PROMPTS[:12] + CHATS[:4]]
+    result: dict = {}
+    shared = prompts[0] * 8                     # a long shared prefix: the second run hits the cache
+    prefixed = [shared + p for p in prompts]
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        runs = Runs(folder, device, dtype)
+        ours = runs.run(prompts, tokens, concurrency=8)[0]
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        expected = [reference(model, ids, tokens) for ids in prompts]
+        result[f"greedy_inprocess_{name}"] = compare(model, prompts, ours, expected)
+        result[f"greedy_inprocess_{name}"]["graphs"] = runs.runner.graphs is not None
+        log(name, "greedy in process", result[f"greedy_inprocess_{name}"])
+        if dtype == torch.bfloat16:
+            runs.stop()
+            result["services_bf16"] = services(folder, device, model, prompts, expected, tokens)
+            log("services", result["services_bf16"])
+            del model
+            continue
+        # fp32: each feature must keep generate's tokens (the same rule), each run on its own engine state.
+        variants: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
+        graphs = runs.runner.graphs
+        runs.runner.graphs = None
+        variants["eager_steps"] = (prompts, runs.run(prompts, tokens, concurrency=8)[0])
+        runs.runner.paged_kernel = False
+        variants["gather_attention_eager"] = (prompts, runs.run(prompts, tokens, concurrency=8)[0])
+        runs.runner.paged_kernel, runs.runner.graphs = True, graphs
+        runs.run(prefixed[:1], tokens)
+        hits_before = runs.engine.scheduler.prefix_hit_tokens
+        variants["prefix_cache"] = (prefixed, runs.run(prefixed, tokens, concurrency=8)[0])
+        result["prefix_cache_hit_tokens"] = runs.engine.scheduler.prefix_hit_tokens - hits_before
+        runs.stop()
+        chunked = Runs(folder, device, dtype, max_num_batched_tokens=32, prefix_caching=False)
+        variants["chunked_prefill"] = (prefixed, chunked.run(prefixed, tokens, concurrency=8)[0])
+        chunked.stop()
+        # 20 blocks of 16 slots for 8 requests of ~75-95 tokens each (6 blocks): sequences are preempted.
+        per_block = 16 * runs.runner.cache.k[0][:, :1].nbytes * 2 * len(runs.runner.cache.k)
+        small = Runs(folder, device, dtype, kv_gib=20 * per_block / (1 << 30), prefix_caching=False)
+        variants["preemption"] = (prefixed, small.run(prefixed, tokens, concurrency=8)[0])
+        result["preemptions"] = small.engine.scheduler.num_preemptions
+        small.stop()
+        expected_prefixed = [reference(model, ids, tokens) for ids in prefixed]
+        result["features_fp32"] = {
+            feature: compare(model, ids, got, expected if ids is prompts else expected_prefixed)
+            for feature, (ids, got) in variants.items()}
+        log("features", {k: (v["identical"], v["passed"]) for k, v in result["features_fp32"].items()},
+            "preemptions", result["preemptions"], "prefix hits", result["prefix_cache_hit_tokens"])
+        del model
+    if not dry:
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "tests/unit/test_sampler.py", "tests/unit/test_cuda.py"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=300)
+        result["cuda_tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}
+        log("cuda tests", result["cuda_tests"], tests.stdout[-3000:] if tests.returncode else "")
+    return result
+
+
+def services(folder: Path, device: torch.device, model: torch.nn.Module, prompts: list[list[int]],
+             expected: list[list[int]], tokens: int) -> dict:
+    """The three services on loopback serving the model on the device: greedy token ids through the gateway
+    (the prompt texts in, 8 at a time) against generate on the ids the tokenizer service makes (`prompts`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from common.stack import Ports, Stack
+    from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+    from tests.prompts import CHATS, PROMPTS
+
+    log_dir = Path(tempfile.mkdtemp(prefix="splitserve-cuda-stack-"))
+    stack = Stack(model=str(folder), ports=Ports.free(), log_dir=log_dir,
+                  engine_args=["--device", device.type, "--dtype", "bfloat16", "--kv-cache-gb", str(KV_GIB)])
+    try:
+        stack.start(timeout=300)
+        stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.address("gateway")))
+
+        def call(prompt) -> list[int]:
+            request = gateway_pb2.GenerateRequest(sampling=common_pb2.SamplingParams(
+                max_tokens=tokens, temperature=0.0, ignore_eos=True))
+            if isinstance(prompt, str):
+                request.prompt = prompt
+            else:
+                request.messages.extend(common_pb2.ChatMessage(role=r, content=c) for r, c in prompt)
+            return [t for chunk in stub.Generate(request, timeout=300) for t in chunk.token_ids]
+
+        with ThreadPoolExecutor(8) as pool:
+            ours = list(pool.map(call, PROMPTS[:12] + CHATS[:4]))
+        return compare(model, prompts, ours, expected)
+    except Exception as exc:  # reported, not fatal: the other sections still run
+        return {"passed": False, "error": repr(exc)[:500], "engine_log": stack.log_tail("engine", 20)}
+    finally:
+        stack.stop()
+
+
+def model_bytes(runner: ModelRunner) -> dict:
+    """What a batch-1 decode step must read: every layer's weights and the head (the tied embedding, once)."""
+    fast = runner.fast
+    size = torch.tensor([], dtype=runner.dtype).element_size()
+    layer_bytes = sum(linear.fp32_bytes for w in fast.layers for linear in (w.qkv, w.o, w.gate_up, w.down))
+    layer_bytes += sum(w.input_norm.nbytes + w.post_norm.nbytes for w in fast.layers)
+    head_bytes = fast.lm_head.fp32_bytes
+    layer_params = sum(linear.fp32_bytes // size for w in fast.layers for linear in (w.qkv, w.o, w.gate_up, w.down))
+    shape = runner.cache.k[0].shape
+    kv_bytes_per_token = 2 * len(runner.cache.k) * shape[0] * shape[2] * runner.cache.k[0].element_size()
+    return {"layer_bytes": layer_bytes, "head_bytes": head_bytes, "layer_params": layer_params,
+            "head_params": head_bytes // size, "kv_bytes_per_token": kv_bytes_per_token,
+            "layers": len(fast.layers), "attention_width": shape[0] * shape[2] * runner.fast.groups}
+
+
+def speed(folder: Path, device: torch.device, limits: dict, dry: bool) -> dict:
+    dtype = torch.bfloat16 if not dry else torch.float32
+    new_tokens = 128 if not dry else 8
+    prompt_len = 32
+    generator = torch.Generator().manual_seed(7)
+    vocab = LLAMA_1B_SHAPE["vocab_size"] if not dry else TINY_SHAPE["vocab_size"]
+    prompts = [torch.randint(3, vocab, (prompt_len,), generator=generator).tolist() for _ in range(64)]
+    runs = Runs(folder, device, dtype, kv_gib=8.0 if not dry else 0.25)
+    sizes = model_bytes(runs.runner)
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    scenarios: dict = {}
+    runs.run(prompts[:2], 4)     # warm: kernels compiled, allocator settled
+    # One stream: TPOT from the token arrival times; the floor is the bytes a step reads at the copy bandwidth.
+    tpots, ttfts = [], []
+    for _ in range(3):
+        _, times, seconds = runs.run(prompts[:1], new_tokens)
+        tpots.append((times[0][-1] - times[0][0]) / (len(times[0]) - 1))
+    context = prompt_len + new_tokens / 2
+    step_bytes = sizes["layer_bytes"] + sizes["head_bytes"] + context * sizes["kv_bytes_per_token"]
+    floor = step_bytes / (limits["hbm_copy_gb_s"] * 1e9) if limits else None
+    tpot = sorted(tpots)[1]
+    generate_tpot = timed_generate(model, prompts[:1], new_tokens, device, per_token=True)
+    graphs = runs.runner.graphs
+    runs.runner.graphs = None
+    eager = runs.run(prompts[:1], new_tokens)[1][0]
+    runs.runner.graphs = graphs
+    # Where a step's time goes: the graph alone on the GPU (replayed back to back), against the served step.
+    replay = {}
+    if graphs is not None:
+        for rows in (1, 64):
+            graph = graphs.graphs[rows][0]
+            graph.replay()
+            sync(device)
+            started = time.perf_counter()
+            for _ in range(50):
+                graph.replay()
+            sync(device)
+            replay[f"graph_replay_{rows}_rows_s"] = (time.perf_counter() - started) / 50
+    scenarios["single_stream"] = {
+        "systems": {"splitserve": {"tpot_s": tpot, "tpot_eager_steps_s": (eager[-1] - eager[0]) / (len(eager) - 1)},
+                    "hf_generate": {"tpot_s": generate_tpot}},
+        "bytes_per_step": int(step_bytes), "floor_tpot_s": floor,
+        "tpot_vs_floor": round(tpot / floor, 2) if floor else None,
+        "speedup_vs_generate": round(generate_tpot / tpot, 2), **replay}
+    log("single stream", scenarios["single_stream"])
+    for streams in (16, 64):
+        batch = prompts[:streams]
+        runs.run(batch, 4)
+        tokens, _, seconds = runs.run(batch, new_tokens)
+        ours = sum(len(t) for t in tokens) / seconds
+        theirs = streams * new_tokens / timed_generate(model, batch, new_tokens, device)
+        entry = {"systems": {"splitserve": {"tokens_per_s": round(ours, 1)},
+                             "hf_generate_static_batch": {"tokens_per_s": round(theirs, 1)}},
+                 "ratio_vs_generate": round(ours / theirs, 2)}
+        if streams == 64:   # the attention variant at full batch: the paged kernel vs the gather + matmuls
+            runs.runner.paged_kernel, runs.runner.graphs = False, None
+            tokens, _, seconds = runs.run(batch, new_tokens)
+            entry["systems"]["splitserve_gather_attention_eager"] = {
+                "tokens_per_s": round(sum(len(t) for t in tokens) / seconds, 1)}
+            runs.runner.paged_kernel = True
+            tokens, _, seconds = runs.run(batch, new_tokens)
+            entry["systems"]["splitserve_paged_kernel_eager"] = {
+                "tokens_per_s": round(sum(len(t) for t in tokens) / seconds, 1)}
+            runs.runner.graphs = graphs
+        scenarios[f"concurrency_{streams}"] = entry
+        log(f"{streams} streams", entry)
+    # Prefill: a 2,048-token prompt, its first token (one step of 2,048 rows; attention is causal).
+    long_prompt = torch.randint(3, vocab, (2048,), generator=generator).tolist()
+    runs.run([long_prompt[:512]], 1)
+    ttfts = []
+    for round_ in range(3):
+        prompt = [long_prompt[0] + round_ + 1] + long_prompt[1:]     # a new first token: no prefix-cache hit
+        _, times, seconds = runs.run([prompt], 1)
+        ttfts.append(seconds)
+    ttft = sorted(ttfts)[1]
+    heads_width = sizes["attention_width"]
+    flops = 2 * sizes["layer_params"] * 2048 + 2 * sizes["head_params"] + \
+        sizes["layers"] * 2 * 2 * heads_width * 2048 * 2049 / 2
+    x = torch.tensor([long_prompt], device=device)
+    with torch.inference_mode():
+        model(x, logits_to_keep=1)
+        sync(device)
+        started = time.perf_counter()
+        model(x, logits_to_keep=1)
+        sync(device)
+    generate_prefill = time.perf_counter() - started
+    rate = flops / ttft / 1e12
+    scenarios["prefill_2048"] = {
+        "systems": {"splitserve": {"ttft_s": ttft, "tflops": round(rate, 1)},
+                    "hf_forward": {"seconds": generate_prefill, "tflops": round(flops / generate_prefill / 1e12, 1)}},
+        "flops": flops,
+        "share_of_matmul_rate": round(rate / limits["bf16_matmul_tflops"], 3) if limits else None}
+    log("prefill", scenarios["prefill_2048"])
+    runs.stop()
+    scenarios["model"] = sizes
+    return scenarios
+
+
+def timed_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, device: torch.device,
+                   per_token: bool = False) -> float:
+    """Seconds for generate's static batch of the prompts (all one length) to make new_tokens each; per_token:
+    the time per token after the first (two runs, 1 and new_tokens tokens, differenced)."""
+    x = torch.tensor(prompts, device=device)
+    mask = torch.ones_like(x)
+
+    def once(n: int) -> float:
+        sync(device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync(device)
+        return time.perf_counter() - started
+
+    once(2)
+    if per_token:
+        return (once(new_tokens) - once(1)) / (new_tokens - 1)
+    return once(new_tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script")
+    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: correctness, speed")
+    args = parser.parse_args()
+    dry = args.dry_run
+    global KV_GIB
+    KV_GIB = 0.05 if dry else KV_GIB
+    device = torch.device("cpu" if dry else "cuda")
+    if not dry and not torch.cuda.is_available():
+        sys.exit("bench.cuda needs a CUDA device (--dry-run checks the script on the CPU)")
+    import transformers
+    report: dict = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run)",
+        "machine": f"{os.cpu_count()} CPU threads",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "model": "Llama-3.2-1B-shaped, random weights (seed 1)", "dtype": "bfloat16",
+    }
+    work = Path(tempfile.mkdtemp(prefix="splitserve-cuda-"))
+    started = time.perf_counter()
+    report["limits"] = measure_limits(device) if not dry else {}
+    log("limits", report["limits"])
+    skip = set(filter(None, args.skip.split(",")))
+    for section in ("correctness", "speed"):
+        if section in skip:
+            continue
+        try:   # a section that fails is reported; the other still runs
+            if section == "correctness":
+                small = build_model(work / "smollm2-shaped", TINY_SHAPE if dry else SMOLLM2_SHAPE, device, seed=0)
+                report["correctness"] = correctness(small, device, tokens=24 if not dry else 6, dry=dry)
+            else:
+                large = build_model(work / "llama-1b-shaped", TINY_SHAPE if dry else LLAMA_1B_SHAPE, device, seed=1)
+                report["scenarios"] = speed(large, device, report["limits"], dry)
+        except Exception:
+            import traceback
+            traceback.print_exc()
+            report[f"{section}_error"] = traceback.format_exc()[-3000:]
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ("cuda.json" if not dry else "cuda-dry-run.json")).write_text(json.dumps(report, indent=1) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    log("done in", report["seconds"], "s ->", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The GPU path: the paged decode kernel (Triton) and the CUDA-graph decode steps. Skipped without CUDA (the CPU
+CI); `make bench DEVICE=cuda` (bench/cuda.py) runs these on a GPU machine beside its own checks."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine_service.model import paged_decode
+from engine_service.model.attention import _decode_attention
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not paged_decode.available(torch.device("cuda")),
+                                reason="needs CUDA and Triton")
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 64), (4, 4, 128), (8, 2, 48)])
+def test_paged_kernel_equals_the_gathered_batched_matmuls(dtype, heads, kv_heads, head_dim):
+    """Rows of 1 to 700 context tokens whose blocks are scattered over the cache: the kernel reading them through
+    the block tables computes what gathering them and two batched matmuls compute."""
+    generator = torch.Generator().manual_seed(heads + head_dim)
+    block_size, num_blocks = 16, 200
+    k = torch.randn(kv_heads, num_blocks * block_size + 8, head_dim, generator=generator).to(dtype)
+    v = torch.randn(k.shape, generator=generator).to(dtype)
+    lengths = [1, 15, 16, 17, 64, 129, 700]
+    tables = [torch.randperm(num_blocks, generator=generator)[: -(-n // block_size)].tolist() for n in lengths]
+    width = max(len(t) for t in tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
+    out = paged_decode.paged_decode_attention(q.to(CUDA), k.to(CUDA), v.to(CUDA), padded.to(CUDA),
+                                              torch.tensor(lengths, dtype=torch.int32, device=CUDA), block_size,
+                                              head_dim ** -0.5).cpu()
+    longest = max(lengths)
+    slots = torch.tensor([[tables[r][min(j, n - 1) // block_size] * block_size + min(j, n - 1) % block_size
+                           for j in range(longest)] for r, n in enumerate(lengths)])
+    mask = (torch.arange(longest)[None] < torch.tensor(lengths)[:, None]).view(1, len(lengths), 1, longest)
+    gathered = [cache.index_select(1, slots.view(-1)).view(kv_heads, len(lengths), longest, head_dim)
+                for cache in (k, v)]
+    expected = _decode_attention(heads // kv_heads, q, *gathered, mask, head_dim ** -0.5, None)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.fixture(scope="module")
+def cuda_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=2, tie_word_embeddings=True, initializer_range=0.3)
+    folder = tmp_path_factory.mktemp("cuda-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from engine_service.sampling import SamplingParams
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def collect(index: int):
+        def on_output(output):
+            outputs[index].extend(output.token_ids)
+            if output.finish_reason:
+                done.release()
+        return on_output
+
+    for index, ids in enumerate(prompts):
+        engine.add_request(f"g{index}-{id(outputs)}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                           collect(index))
+    for _ in prompts:
+        assert done.acquire(timeout=300)
+    return outputs
+
+
+def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_dir):
+    """fp32 on the GPU: 5 requests at once (a graph of 8 rows, 3 of them padding), then each alone (the 1-row
+    graph): the tokens are generate's, and the same with the graphs off (every step eager)."""
+    from engine_service.engine import Engine
+    from engine_service.model_runner import ModelRunner
+
+    runner = ModelRunner(str(cuda_model_dir), "cuda-tiny", CUDA, torch.float32, kv_cache_bytes=1 << 26,
+                         block_size=16, max_model_len=0)
+    engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=512, max_waiting=64)
+    assert runner.graphs is not None and runner.graphs.sizes == [1, 2, 4, 8]
+    engine.start()
+    try:
+        prompts = [[(31 * i + 7 * j) % 4000 + 5 for j in range(3 + 9 * i)] for i in range(5)]
+        together = _greedy(engine, prompts, 40)
+        alone = [_greedy(engine, [ids], 40)[0] for ids in prompts]
+        graphs, runner.graphs = runner.graphs, None
+        eager = _greedy(engine, prompts, 40)
+        runner.graphs = graphs
+    finally:
+        engine.stop()
+    model = LlamaForCausalLM.from_pretrained(cuda_model_dir, dtype=torch.float32).to(CUDA).eval()
+    for ids, a, b, c in zip(prompts, together, alone, eager):
+        with torch.inference_mode():
+            expected = model.generate(torch.tensor([ids], device=CUDA), max_new_tokens=40, min_new_tokens=40,
+                                      do_sample=False, attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                                 device=CUDA))[0, len(ids):].tolist()
+        assert a == b == c == expected
+    assert engine.stats().kv_blocks_used == 0
