@@ -68,9 +68,10 @@ BENCH_VENV ?= .bench-venv
 BENCH_LLAMA ?= .bench-llama
 LLAMA_CPP_PYTHON := 0.3.36
 
+# DEVICE=cuda: the GPU scenarios instead (bench/cuda.py -> bench/results/cuda.json; needs a CUDA GPU and Triton).
 bench: $(STUBS) $(KERNELS)
 	$(PY) -m pip install --quiet -r bench/requirements.txt
-	HF_HUB_OFFLINE=1 $(PY) -m bench
+	if [ "$(DEVICE)" = cuda ]; then HF_HUB_OFFLINE=1 $(PY) -m bench.cuda; else HF_HUB_OFFLINE=1 $(PY) -m bench; fi
 
 bench-peers:
 	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)

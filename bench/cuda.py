@@ -129,7 +129,7 @@ def compare(model: torch.nn.Module, prompts: list[list[int]], ours: list[list[in
     """Our greedy tokens against generate's (`expected`): identical, or apart only from a near-tie (the gap at
     the first difference, in the reference's log-probabilities)."""
     device = next(model.parameters()).device
-    identical, gaps, failures = 0, [], []
+    identical, gaps, failures, ulps = 0, [], [], []
     for index, (ids, got, want) in enumerate(zip(prompts, ours, expected)):
         if got == want:
             identical += 1
@@ -143,10 +143,16 @@ def compare(model: torch.nn.Module, prompts: list[list[int]], ours: list[list[in
         logprobs = torch.log_softmax(logits, dim=-1)
         gap = float(logprobs[want[position]] - logprobs[got[position]])
         gaps.append(round(gap, 4))
+        if next(model.parameters()).dtype == torch.bfloat16:   # the gap in steps of bf16 at the top logit
+            ulp = 2.0 ** (int(torch.log2(logits.abs().max()).floor()) - 7)
+            ulps.append(round(gap / ulp, 2))
         if gap > NEAR_TIE_NATS:
             failures.append({"prompt": index, "position": position, "gap_nats": round(gap, 4)})
-    return {"prompts": len(prompts), "identical": identical, "near_tie_gaps_nats": gaps, "failures": failures,
-            "passed": not failures}
+    result = {"prompts": len(prompts), "identical": identical, "near_tie_gaps_nats": gaps, "failures": failures,
+              "passed": not failures}
+    if ulps:
+        result["gaps_in_bf16_steps_at_the_top_logit"] = ulps
+    return result
 
 
 def measure_limits(device: torch.device) -> dict:
@@ -199,18 +205,24 @@ def correctness(folder: Path, device: torch.device, tokens: int, dry: bool) -> d
         log(name, "greedy in process", result[f"greedy_inprocess_{name}"])
         if dtype == torch.bfloat16:
             runs.stop()
+            # bf16's own spread: transformers' eager attention against its SDPA attention, the same rule.
+            eager = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").to(device).eval()
+            result["transformers_eager_vs_sdpa_bfloat16"] = compare(
+                model, prompts, [reference(eager, ids, tokens) for ids in prompts], expected)
+            log("transformers eager vs sdpa", result["transformers_eager_vs_sdpa_bfloat16"])
+            del eager
             result["services_bf16"] = services(folder, device, model, prompts, expected, tokens)
             log("services", result["services_bf16"])
             del model
             continue
         # fp32: each feature must keep generate's tokens (the same rule), each run on its own engine state.
         variants: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
-        graphs = runs.runner.graphs
+        graphs, paged = runs.runner.graphs, runs.runner.paged_kernel
         runs.runner.graphs = None
         variants["eager_steps"] = (prompts, runs.run(prompts, tokens, concurrency=8)[0])
         runs.runner.paged_kernel = False
         variants["gather_attention_eager"] = (prompts, runs.run(prompts, tokens, concurrency=8)[0])
-        runs.runner.paged_kernel, runs.runner.graphs = True, graphs
+        runs.runner.paged_kernel, runs.runner.graphs = paged, graphs
         runs.run(prefixed[:1], tokens)
         hits_before = runs.engine.scheduler.prefix_hit_tokens
         variants["prefix_cache"] = (prefixed, runs.run(prefixed, tokens, concurrency=8)[0])
@@ -234,7 +246,8 @@ def correctness(folder: Path, device: torch.device, tokens: int, dry: bool) -> d
         del model
     if not dry:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                "tests/unit/test_sampler.py", "tests/unit/test_cuda.py"],
+                                "tests/unit/test_cuda.py", "tests/unit/test_sampler.py::"
+                                "test_cuda_matches_cpu_processing_and_keeps_seeds_batch_independent"],
                                cwd=ROOT, capture_output=True, text=True, timeout=300)
         result["cuda_tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}
         log("cuda tests", result["cuda_tests"], tests.stdout[-3000:] if tests.returncode else "")
@@ -348,11 +361,12 @@ def speed(folder: Path, device: torch.device, limits: dict, dry: bool) -> dict:
                              "hf_generate_static_batch": {"tokens_per_s": round(theirs, 1)}},
                  "ratio_vs_generate": round(ours / theirs, 2)}
         if streams == 64:   # the attention variant at full batch: the paged kernel vs the gather + matmuls
+            paged = runs.runner.paged_kernel
             runs.runner.paged_kernel, runs.runner.graphs = False, None
             tokens, _, seconds = runs.run(batch, new_tokens)
             entry["systems"]["splitserve_gather_attention_eager"] = {
                 "tokens_per_s": round(sum(len(t) for t in tokens) / seconds, 1)}
-            runs.runner.paged_kernel = True
+            runs.runner.paged_kernel = paged
             tokens, _, seconds = runs.run(batch, new_tokens)
             entry["systems"]["splitserve_paged_kernel_eager"] = {
                 "tokens_per_s": round(sum(len(t) for t in tokens) / seconds, 1)}
@@ -368,6 +382,7 @@ def speed(folder: Path, device: torch.device, limits: dict, dry: bool) -> dict:
         _, times, seconds = runs.run([prompt], 1)
         ttfts.append(seconds)
     ttft = sorted(ttfts)[1]
+    forward_seconds = timed_forward(runs, [long_prompt[0] + 9] + long_prompt[1:], device)
     heads_width = sizes["attention_width"]
     flops = 2 * sizes["layer_params"] * 2048 + 2 * sizes["head_params"] + \
         sizes["layers"] * 2 * 2 * heads_width * 2048 * 2049 / 2
@@ -381,14 +396,50 @@ def speed(folder: Path, device: torch.device, limits: dict, dry: bool) -> dict:
     generate_prefill = time.perf_counter() - started
     rate = flops / ttft / 1e12
     scenarios["prefill_2048"] = {
-        "systems": {"splitserve": {"ttft_s": ttft, "tflops": round(rate, 1)},
+        "systems": {"splitserve": {"ttft_s": ttft, "tflops": round(rate, 1), "forward_pass_s": forward_seconds,
+                                   "forward_pass_tflops": round(flops / forward_seconds / 1e12, 1)},
                     "hf_forward": {"seconds": generate_prefill, "tflops": round(flops / generate_prefill / 1e12, 1)}},
         "flops": flops,
         "share_of_matmul_rate": round(rate / limits["bf16_matmul_tflops"], 3) if limits else None}
     log("prefill", scenarios["prefill_2048"])
+    if os.environ.get("BENCH_PROFILE"):
+        profile(runs, prompts[5], 16, "kernels of one stream, 16 eager steps")
+        profile(runs, [long_prompt[0] + 11] + long_prompt[1:], 1, "kernels of the 2,048-token prefill")
     runs.stop()
     scenarios["model"] = sizes
     return scenarios
+
+
+def timed_forward(runs: Runs, prompt: list[int], device: torch.device) -> float:
+    """The seconds of the prompt's forward pass alone (the model runner's, synchronised), within a served request."""
+    runner = runs.runner
+    original = runner.forward
+    seconds: list[float] = []
+
+    def timed(chunks, *args, **kwargs):
+        sync(device)
+        started = time.perf_counter()
+        out = original(chunks, *args, **kwargs)
+        sync(device)
+        seconds.append(time.perf_counter() - started)
+        return out
+
+    runner.forward = timed
+    try:
+        runs.run([prompt], 1)
+    finally:
+        del runner.forward
+    return seconds[0]
+
+
+def profile(runs: Runs, prompt: list[int], max_tokens: int, title: str) -> None:
+    """Prints the GPU kernels' time of one request (eager steps: a graph's kernels are not seen one by one)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    graphs, runs.runner.graphs = runs.runner.graphs, None
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runs.run([prompt], max_tokens)
+    runs.runner.graphs = graphs
+    log(title + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
 def timed_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, device: torch.device,

@@ -109,12 +109,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, mask
 
 def paged_attention_core(layer: int, groups: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          scaling: float | None, sliding_window: int | None = None,
-                         softcap: float | None = None) -> torch.Tensor:
-    """query [T, H, D], key/value [T, Hkv, D] for the step's new tokens -> attention output [T, H, D]."""
+                         softcap: float | None = None, cache_written: bool = False) -> torch.Tensor:
+    """query [T, H, D], key/value [T, Hkv, D] for the step's new tokens -> attention output [T, H, D].
+    cache_written: the caller already wrote key/value to their slots (fused_ops.rotary_and_cache)."""
     ctx = current_step()
     k_cache, v_cache = ctx.k_cache[layer], ctx.v_cache[layer]
-    k_cache.index_copy_(1, ctx.slot_mapping, key.transpose(0, 1).to(k_cache.dtype))
-    v_cache.index_copy_(1, ctx.slot_mapping, value.transpose(0, 1).to(v_cache.dtype))
+    if not cache_written:
+        k_cache.index_copy_(1, ctx.slot_mapping, key.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, ctx.slot_mapping, value.transpose(0, 1).to(v_cache.dtype))
     device = query.device
     outputs: list[torch.Tensor] = []
     if ctx.num_decode and ctx.decode_tables is not None:

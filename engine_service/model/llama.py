@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine_service.model import attention, gguf_weights
+from engine_service.model import attention, fused_ops, gguf_weights, paged_decode
 from engine_service.model.attention import paged_attention_core
 from engine_service.model.linear import COMPACT_ROWS, Linear
 
@@ -84,6 +84,8 @@ class FastLlama:
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                            mlp.down_proj):
                 module.weight = None
+        # GPUs: the layers' small operations run as fused Triton kernels (fused_ops).
+        self.fused = paged_decode.available(self.embed.device)
         # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp),
         # reading the compact weights (GGUF blocks where the model came from a GGUF file, else bf16).
         self.decode_kernels = kernels if self._fits_decode_kernel() else None
@@ -99,6 +101,28 @@ class FastLlama:
     def _fits_decode_kernel(self) -> bool:
         return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
                 and all(w.o.bias is None and (w.qkv.bf16 is not None or w.qkv.blocks is not None) for w in self.layers))
+
+    def _fused_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: attention.StepContext,
+                      num_layers: int | None) -> torch.Tensor:
+        """The layers with fused_ops (GPUs): each residual add joined to the next RMSNorm, the rotary embedding to
+        the KV-cache writes, SiLU to the product with up. Same roundings as the eager loop below."""
+        tokens = x.shape[0]
+        layers = self.layers[:num_layers]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        x, h = fused_ops.add_rms_norm(x, None, layers[0].input_norm, self.eps)
+        for index, w in enumerate(layers):
+            qkv = w.qkv(h)
+            q, k = fused_ops.rotary_and_cache(qkv, cos, sin, step.slot_mapping, step.k_cache[index],
+                                              step.v_cache[index], self.num_heads, self.num_kv_heads, self.head_dim)
+            v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+            attn = paged_attention_core(index, self.groups, q, k, v, self.scaling, cache_written=True)
+            x, h = fused_ops.add_rms_norm(x, w.o(attn.reshape(tokens, q_size)), w.post_norm, self.eps)
+            delta = w.down(fused_ops.silu_and_mul(w.gate_up(h)))
+            if index + 1 < len(layers):
+                x, h = fused_ops.add_rms_norm(x, delta, layers[index + 1].input_norm, self.eps)
+            else:
+                x = x + delta
+        return x
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # As transformers' LlamaRMSNorm: normalise in fp32, scale in the model's dtype.
@@ -130,6 +154,10 @@ class FastLlama:
                 step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
                 self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
             return self.lm_head(self._rms_norm(x.index_select(0, keep), self.final_norm)), None
+        if self.fused:
+            x = self._fused_layers(x, cos[0].contiguous(), sin[0].contiguous(), step, num_layers)
+            hidden = None if hidden_rows is None else self._rms_norm(x.index_select(0, hidden_rows), self.final_norm)
+            return self.lm_head(fused_ops.add_rms_norm(x.index_select(0, keep), None, self.final_norm, self.eps)[1]), hidden
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, w in enumerate(self.layers[:num_layers]):

@@ -103,3 +103,46 @@ def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_d
                                                                                  device=CUDA))[0, len(ids):].tolist()
         assert a == b == c == expected
     assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_ops_round_as_the_eager_operations(dtype):
+    """The fused kernels against the eager torch operations they replace, on the GPU: the residual add, rotary
+    embedding, cache writes and SiLU * up bit for bit; the RMSNorm up to the order of its fp32 sum (at most one
+    step of the dtype apart, in a few places)."""
+    import torch.nn.functional as F
+
+    from engine_service.model import fused_ops
+    generator = torch.Generator().manual_seed(5)
+    tokens, width, heads, kv_heads, head_dim = 37, 576, 9, 3, 64
+    x = (torch.randn(tokens, width, generator=generator) * 3).to(dtype).to(CUDA)
+    delta = torch.randn(tokens, width, generator=generator).to(dtype).to(CUDA)
+    weight = torch.randn(width, generator=generator).to(dtype).to(CUDA)
+
+    def norm(t: torch.Tensor) -> torch.Tensor:   # transformers' LlamaRMSNorm
+        t32 = t.float()
+        return weight * (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(t.dtype)
+
+    total, normed = fused_ops.add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, x + delta)
+    reference = norm(x + delta)
+    assert (normed != reference).float().mean() < 0.01
+    torch.testing.assert_close(normed.float(), reference.float(), atol=0.0, rtol=2 ** -7)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype).to(CUDA)
+    angles = torch.arange(tokens, device=CUDA)[:, None].float() * 0.37 ** torch.arange(head_dim // 2, device=CUDA)
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    k_cache = torch.zeros(kv_heads, 200, head_dim, dtype=dtype, device=CUDA)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(200, generator=generator)[:tokens].to(CUDA)
+    q, k = fused_ops.rotary_and_cache(qkv, cos, sin, slots, k_cache, v_cache, heads, kv_heads, head_dim)
+    heads_in = qkv[:, : (heads + kv_heads) * head_dim].view(tokens, heads + kv_heads, head_dim)
+    half = head_dim // 2
+    rotated = heads_in * cos[:, None] + torch.cat((-heads_in[..., half:], heads_in[..., :half]), -1) * sin[:, None]
+    assert torch.equal(q, rotated[:, :heads]) and torch.equal(k, rotated[:, heads:])
+    assert torch.equal(k_cache[:, slots], rotated[:, heads:].transpose(0, 1))
+    assert torch.equal(v_cache[:, slots], qkv[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+                       .transpose(0, 1))
+    gate_up = torch.randn(tokens, 2 * 1536, generator=generator).to(dtype).to(CUDA)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), F.silu(gate) * up, atol=0.0, rtol=2 ** -7)
