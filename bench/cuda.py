@@ -42,6 +42,7 @@ LLAMA_1B_SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=819
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0)
 TINY_SHAPE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+FUSED_GPU_OPS = False    # --fused-gpu-ops: the engines run with fused_ops
 KV_GIB = 4.0             # the KV cache of the correctness engines (--dry-run: 0.05)
 NEAR_TIE_NATS = 0.5      # tests/e2e: at the first difference, the two tokens' log-probabilities within this
 
@@ -78,7 +79,8 @@ class Runs:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  prefix_caching: bool = True) -> None:
         self.runner = ModelRunner(str(folder), folder.name, device, dtype, kv_cache_bytes=int((kv_gib or KV_GIB) * (1 << 30)),
-                                  block_size=block_size, max_model_len=4096, prefix_caching=prefix_caching)
+                                  block_size=block_size, max_model_len=4096, prefix_caching=prefix_caching,
+                                  fused_gpu_ops=FUSED_GPU_OPS)
         self.engine = Engine(self.runner, max_num_seqs, max_num_batched_tokens, max_waiting=1024)
         self.engine.start()
         self.count = 0
@@ -268,7 +270,8 @@ def services(folder: Path, device: torch.device, model: torch.nn.Module, prompts
 
     log_dir = Path(tempfile.mkdtemp(prefix="splitserve-cuda-stack-"))
     stack = Stack(model=str(folder), ports=Ports.free(), log_dir=log_dir,
-                  engine_args=["--device", device.type, "--dtype", "bfloat16", "--kv-cache-gb", str(KV_GIB)])
+                  engine_args=["--device", device.type, "--dtype", "bfloat16", "--kv-cache-gb", str(KV_GIB),
+                               "--fused-gpu-ops", str(FUSED_GPU_OPS).lower()])
     try:
         stack.start(timeout=300)
         stub = gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(stack.address("gateway")))
@@ -467,11 +470,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    parser.add_argument("--fused-gpu-ops", action="store_true", help="the engines run the experimental fused ops")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: correctness, speed")
     args = parser.parse_args()
     dry = args.dry_run
-    global KV_GIB
+    global KV_GIB, FUSED_GPU_OPS
     KV_GIB = 0.05 if dry else KV_GIB
+    FUSED_GPU_OPS = args.fused_gpu_ops
     device = torch.device("cpu" if dry else "cuda")
     if not dry and not torch.cuda.is_available():
         sys.exit("bench.cuda needs a CUDA device (--dry-run checks the script on the CPU)")
@@ -482,6 +487,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU threads",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "model": "Llama-3.2-1B-shaped, random weights (seed 1)", "dtype": "bfloat16",
+        "fused_gpu_ops": args.fused_gpu_ops,
     }
     work = Path(tempfile.mkdtemp(prefix="splitserve-cuda-"))
     started = time.perf_counter()

@@ -38,6 +38,8 @@ class EngineConfig:
     fast_path: bool = field(default=True, metadata={"help": "hand-written forward pass for Llama-family models"})
     cuda_graphs: bool = field(default=True, metadata={
         "help": "GPUs: plain decode steps replay CUDA graphs captured at start, one per batch size"})
+    fused_gpu_ops: bool = field(default=False, metadata={
+        "help": "GPUs, experimental: the layers' small ops as fused Triton kernels (not yet verified on a GPU)"})
     draft_layers: int = field(default=-1, metadata={
         "help": "speculative=\"draft\" requests draft with the model's first N layers (self-speculative early "
                 "exit); -1 = a quarter of the layers, 0 = no draft model"})
@@ -77,6 +79,7 @@ async def serve(config: EngineConfig) -> None:
         kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
         max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching,
         fault_token_id=config.fault_token_id, step_delay=config.step_delay_seconds, cuda_graphs=config.cuda_graphs,
+        fused_gpu_ops=config.fused_gpu_ops,
         compact_decode_weights=config.compact_decode_weights and device.type == "cpu")
     engine = Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                     draft_layers=config.draft_layers)

@@ -116,7 +116,7 @@ class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
                  prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False,
-                 step_delay: float = 0.0, cuda_graphs: bool = True) -> None:
+                 step_delay: float = 0.0, cuda_graphs: bool = True, fused_gpu_ops: bool = False) -> None:
         self.model_path = model_path   # also the tokenizer's folder (structured output's vocabulary)
         self.device = device
         self.dtype = dtype
@@ -131,7 +131,7 @@ class ModelRunner:
             source = gguf_weights.source_of(model_path)
             gguf = gguf_weights.GGUFBlocks(source) if source is not None else None
         use_fast = fast_path and llama.supports(self.model)
-        self.fast = llama.FastLlama(self.model, compact_decode_weights, gguf) if use_fast else None
+        self.fast = llama.FastLlama(self.model, compact_decode_weights, gguf, fused_gpu_ops) if use_fast else None
         text_config = self.model.config.get_text_config()
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         shape = CacheShape(

@@ -46,6 +46,9 @@ class DecodeGraphs:
         self._reset_host()
         self.inputs.copy_(self.host)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Device tensors a graph reads that are not views of self.inputs: they must live as long as the graphs (a
+        # freed one's memory goes back to the allocator, and a replay would read whatever is written there next).
+        self._static: list[torch.Tensor] = []
         started = time.perf_counter()
         pool = None
         for rows in sorted(self.sizes, reverse=True):     # the largest first: the others reuse its memory
@@ -74,6 +77,7 @@ class DecodeGraphs:
     def _step_function(self, fast: FastLlama, k_cache: list[torch.Tensor], v_cache: list[torch.Tensor], rows: int):
         views = self._views(rows)
         keep = torch.arange(rows, device=self.inputs.device)
+        self._static.append(keep)
         context = attention.StepContext(
             k_cache=k_cache, v_cache=v_cache, slot_mapping=views["slots"], num_decode=rows, decode_slots=None,
             decode_mask=None, prefills=[], decode_lengths=views["lengths"], decode_tables=views["tables"],

@@ -43,9 +43,9 @@ def supports(model: torch.nn.Module) -> bool:
 
 class FastLlama:
     def __init__(self, model: torch.nn.Module, compact_decode_weights: bool = False,
-                 gguf: gguf_weights.GGUFBlocks | None = None) -> None:
+                 gguf: gguf_weights.GGUFBlocks | None = None, fused_gpu_ops: bool = False) -> None:
         """compact_decode_weights: decode steps read compact weights (the GGUF's own blocks where the model came
-        from one, else a bf16 copy); gguf: that file's blocks."""
+        from one, else a bf16 copy); gguf: that file's blocks; fused_gpu_ops: see fused_ops."""
         config = model.config
         self.hf_model = model
         self.num_heads = config.num_attention_heads
@@ -84,8 +84,8 @@ class FastLlama:
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
                            mlp.down_proj):
                 module.weight = None
-        # GPUs: the layers' small operations run as fused Triton kernels (fused_ops).
-        self.fused = paged_decode.available(self.embed.device)
+        # GPUs, opt-in: the layers' small operations run as fused Triton kernels (fused_ops).
+        self.fused = fused_gpu_ops and paged_decode.available(self.embed.device)
         # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp),
         # reading the compact weights (GGUF blocks where the model came from a GGUF file, else bf16).
         self.decode_kernels = kernels if self._fits_decode_kernel() else None

@@ -75,14 +75,17 @@ def _greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]
     return outputs
 
 
-def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_dir):
+@pytest.mark.parametrize("fused", [False, True])
+def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_dir, fused):
     """fp32 on the GPU: 5 requests at once (a graph of 8 rows, 3 of them padding), then each alone (the 1-row
-    graph): the tokens are generate's, and the same with the graphs off (every step eager)."""
+    graph): the tokens are generate's, and the same with the graphs off (every step eager); with and without the
+    fused ops."""
     from engine_service.engine import Engine
     from engine_service.model_runner import ModelRunner
 
     runner = ModelRunner(str(cuda_model_dir), "cuda-tiny", CUDA, torch.float32, kv_cache_bytes=1 << 26,
-                         block_size=16, max_model_len=0)
+                         block_size=16, max_model_len=0, fused_gpu_ops=fused)
+    assert runner.fast.fused == fused
     engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=512, max_waiting=64)
     assert runner.graphs is not None and runner.graphs.sizes == [1, 2, 4, 8]
     engine.start()
@@ -123,11 +126,13 @@ def test_fused_ops_round_as_the_eager_operations(dtype):
         t32 = t.float()
         return weight * (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(t.dtype)
 
+    step = 2 ** -7 if dtype == torch.bfloat16 else 1e-6       # one step of the dtype, relative
     total, normed = fused_ops.add_rms_norm(x, delta, weight, 1e-5)
     assert torch.equal(total, x + delta)
     reference = norm(x + delta)
-    assert (normed != reference).float().mean() < 0.01
-    torch.testing.assert_close(normed.float(), reference.float(), atol=0.0, rtol=2 ** -7)
+    torch.testing.assert_close(normed.float(), reference.float(), atol=1e-6, rtol=step)
+    if dtype == torch.bfloat16:   # the same roundings: only values at a rounding boundary may differ
+        assert (normed != reference).float().mean() < 0.05
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype).to(CUDA)
     angles = torch.arange(tokens, device=CUDA)[:, None].float() * 0.37 ** torch.arange(head_dim // 2, device=CUDA)
     angles = torch.cat([angles, angles], dim=-1)
@@ -145,4 +150,4 @@ def test_fused_ops_round_as_the_eager_operations(dtype):
                        .transpose(0, 1))
     gate_up = torch.randn(tokens, 2 * 1536, generator=generator).to(dtype).to(CUDA)
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), F.silu(gate) * up, atol=0.0, rtol=2 ** -7)
+    torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=step)
