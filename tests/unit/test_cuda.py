@@ -2,14 +2,13 @@
 CI); `make bench DEVICE=cuda` (bench/cuda.py) runs these on a GPU machine beside its own checks."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine_service.model import paged_decode
 from engine_service.model.attention import _decode_attention
+from tests.unit.test_engine import Collector
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not paged_decode.available(torch.device("cuda")),
                                 reason="needs CUDA and Triton")
@@ -55,24 +54,14 @@ def cuda_model_dir(tmp_path_factory: pytest.TempPathFactory):
     return folder
 
 
-def _greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+def _greedy(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> list[list[int]]:
     from engine_service.sampling import SamplingParams
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = threading.Semaphore(0)
-
-    def collect(index: int):
-        def on_output(output):
-            outputs[index].extend(output.token_ids)
-            if output.finish_reason:
-                done.release()
-        return on_output
-
+    collector = Collector()
     for index, ids in enumerate(prompts):
-        engine.add_request(f"g{index}-{id(outputs)}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                           collect(index))
-    for _ in prompts:
-        assert done.acquire(timeout=300)
-    return outputs
+        engine.add_request(f"{tag}{index}", ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                           collector.callback(f"{tag}{index}"))
+    collector.wait(len(prompts), timeout=300)
+    return [collector.tokens[f"{tag}{index}"] for index in range(len(prompts))]
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -91,10 +80,10 @@ def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_d
     engine.start()
     try:
         prompts = [[(31 * i + 7 * j) % 4000 + 5 for j in range(3 + 9 * i)] for i in range(5)]
-        together = _greedy(engine, prompts, 40)
-        alone = [_greedy(engine, [ids], 40)[0] for ids in prompts]
+        together = _greedy(engine, prompts, 40, "together")
+        alone = [_greedy(engine, [ids], 40, f"alone{i}-")[0] for i, ids in enumerate(prompts)]
         graphs, runner.graphs = runner.graphs, None
-        eager = _greedy(engine, prompts, 40)
+        eager = _greedy(engine, prompts, 40, "eager")
         runner.graphs = graphs
     finally:
         engine.stop()
