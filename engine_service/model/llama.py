@@ -147,6 +147,7 @@ class FastLlama:
         step = attention.current_step()
         tokens = x.shape[0]
         if (self.decode_kernels is not None and hidden_rows is None and not step.prefills
+                and step.decode_slots is not None
                 and step.num_decode == tokens <= COMPACT_ROWS and step.k_cache[0].dtype == torch.float32):
             layers = len(self.layers) if num_layers is None else num_layers   # fewer: an early-exit draft
             x = self.decode_kernels.decode_layers(
