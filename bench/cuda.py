@@ -78,7 +78,8 @@ class Runs:
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, kv_gib: float | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, block_size: int = 16,
                  prefix_caching: bool = True) -> None:
-        self.runner = ModelRunner(str(folder), folder.name, device, dtype, kv_cache_bytes=int((kv_gib or KV_GIB) * (1 << 30)),
+        kv_bytes = int((kv_gib or KV_GIB) * (1 << 30))
+        self.runner = ModelRunner(str(folder), folder.name, device, dtype, kv_cache_bytes=kv_bytes,
                                   block_size=block_size, max_model_len=4096, prefix_caching=prefix_caching,
                                   fused_gpu_ops=FUSED_GPU_OPS)
         self.engine = Engine(self.runner, max_num_seqs, max_num_batched_tokens, max_waiting=1024)
@@ -121,8 +122,9 @@ def reference(model: torch.nn.Module, ids: list[int], max_tokens: int, ignore_eo
     device = next(model.parameters()).device
     extra = {"min_new_tokens": max_tokens} if ignore_eos else {}
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                             device=device), max_new_tokens=max_tokens, do_sample=False, **extra)
+        x = torch.tensor([ids], device=device)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                             **extra)
     return out[0, len(ids):].tolist()
 
 

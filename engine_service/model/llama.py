@@ -158,7 +158,8 @@ class FastLlama:
         if self.fused:
             x = self._fused_layers(x, cos[0].contiguous(), sin[0].contiguous(), step, num_layers)
             hidden = None if hidden_rows is None else self._rms_norm(x.index_select(0, hidden_rows), self.final_norm)
-            return self.lm_head(fused_ops.add_rms_norm(x.index_select(0, keep), None, self.final_norm, self.eps)[1]), hidden
+            _, normed = fused_ops.add_rms_norm(x.index_select(0, keep), None, self.final_norm, self.eps)
+            return self.lm_head(normed), hidden
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for index, w in enumerate(self.layers[:num_layers]):
