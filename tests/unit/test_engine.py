@@ -191,3 +191,37 @@ def test_requests_the_engine_cannot_take(tiny_model_dir):
             engine.add_request("z", [5], SamplingParams(), lambda output: None)
     finally:
         engine.stop()
+
+
+def test_the_bfloat16_forward_pass_is_transformers_sdpa_bit_for_bit(tiny_model_dir, tmp_path):
+    """bf16 (the GPU default), on the CPU: the fast path's logits for every position of a prompt are transformers'
+    own (SDPA attention), bit for bit: the same roundings in the same places (RMSNorm and its weights, rotary, fused
+    projections). The tiny model with its norm weights drawn at random (they start at one)."""
+    from transformers import AutoModelForCausalLM
+
+    from engine_service.model import attention
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    runner = ModelRunner(str(tmp_path), "tiny", torch.device("cpu"), torch.bfloat16, kv_cache_bytes=1 << 22,
+                         block_size=16, max_model_len=0)
+    assert runner.fast is not None
+    ids = torch.randint(3, 49000, (40,), generator=torch.Generator().manual_seed(3))
+    tokens = len(ids)
+    attention.set_step_context(attention.StepContext(
+        k_cache=runner.cache.k, v_cache=runner.cache.v, slot_mapping=torch.arange(tokens), num_decode=0,
+        decode_slots=None, decode_mask=None, prefills=[attention.PrefillChunk(0, tokens, 0, None)]))
+    try:
+        with torch.inference_mode():
+            ours = runner.fast(ids, torch.arange(tokens), torch.arange(tokens))[0]
+    finally:
+        attention.set_step_context(None)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="sdpa")
+    with torch.inference_mode():
+        expected = reference(ids.unsqueeze(0)).logits[0]
+    assert ours.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(ours, expected)
