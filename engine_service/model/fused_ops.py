@@ -88,18 +88,15 @@ def _kernels():
     return add_rms_norm, rotary_and_cache, silu_and_mul
 
 
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, delta [T, width] -> (x + delta, RMSNorm(x + delta) * weight); delta None: (x, RMSNorm(x) * weight)."""
+    import triton
     rows, width = x.shape
     total = torch.empty_like(x) if delta is not None else x
     out = torch.empty_like(x)
     _kernels()[0][(rows,)](x, delta if delta is not None else x, weight, total, out, width, eps,
-                           HAS_DELTA=delta is not None, WIDTH_PAD=_pow2(width))
+                           HAS_DELTA=delta is not None, WIDTH_PAD=triton.next_power_of_2(width))
     return total, out
 
 
@@ -108,12 +105,13 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sl
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [T, (H + 2 Hkv) D] (contiguous), cos/sin [T, D] -> (q [T, H, D], k [T, Hkv, D]) rotated; the rotated
     k and the v of each token are written to its cache slot (k_cache/v_cache [Hkv, slots, D])."""
+    import triton
     tokens = qkv.shape[0]
     q = torch.empty(tokens, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(tokens, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _kernels()[1][(tokens, heads + kv_heads)](
         qkv, cos, sin, slots, q, k, k_cache, v_cache, k_cache.stride(0), heads, kv_heads,
-        HEAD_DIM=head_dim, DIM_PAD=_pow2(head_dim))
+        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim))
     return q, k
 
 

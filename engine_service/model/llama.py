@@ -102,13 +102,15 @@ class FastLlama:
         return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
                 and all(w.o.bias is None and (w.qkv.bf16 is not None or w.qkv.blocks is not None) for w in self.layers))
 
-    def _fused_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: attention.StepContext,
-                      num_layers: int | None) -> torch.Tensor:
+    def _fused_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_layers: int | None
+                      ) -> torch.Tensor:
         """The layers with fused_ops (GPUs): each residual add joined to the next RMSNorm, the rotary embedding to
-        the KV-cache writes, SiLU to the product with up. Same roundings as the eager loop below."""
+        the KV-cache writes, SiLU to the product with up. Same roundings as _eager_layers."""
+        step = attention.current_step()
         tokens = x.shape[0]
         layers = self.layers[:num_layers]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        cos, sin = cos.contiguous(), sin.contiguous()                         # [T, D], as the kernel reads them
         x, h = fused_ops.add_rms_norm(x, None, layers[0].input_norm, self.eps)
         for index, w in enumerate(layers):
             qkv = w.qkv(h)
@@ -122,6 +124,27 @@ class FastLlama:
                 x, h = fused_ops.add_rms_norm(x, delta, layers[index + 1].input_norm, self.eps)
             else:
                 x = x + delta
+        return x
+
+    def _eager_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_layers: int | None
+                      ) -> torch.Tensor:
+        """The layers as eager torch operations; cos/sin [T, D]."""
+        tokens = x.shape[0]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                        # [T, 1, D]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        for index, w in enumerate(self.layers[:num_layers]):
+            h = self._rms_norm(x, w.input_norm)
+            qkv = w.qkv(h)
+            # q and k are adjacent in the fused projection: one rotation for both heads' worth of columns.
+            qk = self._rotate(qkv[:, : q_size + kv_size].view(tokens, self.num_heads + self.num_kv_heads,
+                                                               self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+            v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
+            attn = paged_attention_core(index, self.groups, q, k, v, self.scaling)
+            x = x + w.o(attn.reshape(tokens, q_size))
+            h = self._rms_norm(x, w.post_norm)
+            gate, up = w.gate_up(h).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
         return x
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -154,27 +177,8 @@ class FastLlama:
                 x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache[:layers],
                 step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
                 self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
-            return self.lm_head(self._rms_norm(x.index_select(0, keep), self.final_norm)), None
-        if self.fused:
-            x = self._fused_layers(x, cos[0].contiguous(), sin[0].contiguous(), step, num_layers)
-            hidden = None if hidden_rows is None else self._rms_norm(x.index_select(0, hidden_rows), self.final_norm)
-            _, normed = fused_ops.add_rms_norm(x.index_select(0, keep), None, self.final_norm, self.eps)
-            return self.lm_head(normed), hidden
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)                  # [T, 1, D]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        for index, w in enumerate(self.layers[:num_layers]):
-            h = self._rms_norm(x, w.input_norm)
-            qkv = w.qkv(h)
-            # q and k are adjacent in the fused projection: one rotation for both heads' worth of columns.
-            qk = self._rotate(qkv[:, : q_size + kv_size].view(tokens, self.num_heads + self.num_kv_heads,
-                                                               self.head_dim), cos, sin)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
-            v = qkv[:, q_size + kv_size:].view(tokens, self.num_kv_heads, self.head_dim)
-            attn = paged_attention_core(index, self.groups, q, k, v, self.scaling)
-            x = x + w.o(attn.reshape(tokens, q_size))
-            h = self._rms_norm(x, w.post_norm)
-            gate, up = w.gate_up(h).chunk(2, dim=-1)
-            x = x + w.down(F.silu(gate) * up)
+        else:
+            x = (self._fused_layers if self.fused else self._eager_layers)(x, cos[0], sin[0], num_layers)
         hidden = None if hidden_rows is None else self._rms_norm(x.index_select(0, hidden_rows), self.final_norm)
         x = self._rms_norm(x.index_select(0, keep), self.final_norm)
         return self.lm_head(x), hidden

@@ -14,6 +14,7 @@ for tests where Triton is installed).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -23,7 +24,6 @@ BLOCK_N = 64   # context tokens per tile
 def available(device: torch.device) -> bool:
     """Whether the kernel can run for tensors on `device`: Triton importable, and a CUDA device (or the
     interpreter)."""
-    import os
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     try:
@@ -85,7 +85,8 @@ def _kernel():
 
 def _pad(n: int) -> int:
     """Triton's tile sizes: powers of two, at least 16 (tl.dot's smallest)."""
-    return max(16, 1 << (n - 1).bit_length())
+    import triton
+    return max(16, triton.next_power_of_2(n))
 
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
