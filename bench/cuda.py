@@ -187,6 +187,94 @@ def measure_limits(device: torch.device) -> dict:
     return {"hbm_copy_gb_s": round(copy_gb_s, 1), "bf16_matmul_tflops": round(tflops, 1)}
 
 
+def graph_seconds(function, calls: int = 40) -> float:
+    """Seconds per call of function() replayed from a CUDA graph of `calls` calls (launch costs as in the
+    engine's graphs, none of Python's); on the CPU (--dry-run) plain calls."""
+    if not torch.cuda.is_available():
+        started = time.perf_counter()
+        for _ in range(2):
+            function()
+        return (time.perf_counter() - started) / 2
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    graph.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return best / calls
+
+
+def kernels(limits: dict, device: torch.device, dry: bool) -> dict:
+    """The batch-1 step's pieces on their own, in graphs: each Llama-3.2-1B product at one row through cuBLAS and
+    through gpu_gemv's configurations (us, and TB/s of weights read); the paged decode kernel's tile sizes at a
+    128-token context; the greedy argmax over 128,256 logits, torch's and row_argmax."""
+    import torch.nn.functional as F
+
+    from engine_service.model import gpu_gemv, paged_decode
+    from engine_service.sampler import row_argmax
+    shape = TINY_SHAPE if dry else LLAMA_1B_SHAPE
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+    head_dim = hidden // heads
+    products = {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, hidden),
+                "gate_up": (2 * inter, hidden), "down": (hidden, inter), "head": (shape["vocab_size"], hidden)}
+    configs = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)] if not dry else \
+        [gpu_gemv.CONFIG, (4, 64, 4)]
+    result: dict = {"gemv": {}}
+    for name, (n, k) in products.items():
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        reference = F.linear(x, w)
+        entry = {"cublas_us": round(graph_seconds(lambda: F.linear(x, w)) * 1e6, 2)}
+        timings = {}
+        for config in configs:
+            error = (gpu_gemv.gemv(x, w, None, config).float() - reference.float()).abs().max().item()
+            timings[config] = (graph_seconds(lambda: gpu_gemv.gemv(x, w, None, config)) * 1e6, error)
+        best = min(timings, key=lambda c: timings[c][0])
+        entry.update({"best_config": list(best), "best_us": round(timings[best][0], 2),
+                      "default_us": round(timings[gpu_gemv.CONFIG][0], 2),
+                      "max_error_vs_cublas": max(e for _, e in timings.values()),
+                      "all_us": {str(c): round(t, 2) for c, (t, _) in timings.items()}})
+        if limits:
+            entry["cublas_tb_s"] = round(w.nbytes / entry["cublas_us"] / 1e6, 2)
+            entry["best_tb_s"] = round(w.nbytes / entry["best_us"] / 1e6, 2)
+        result["gemv"][name] = entry
+        log("gemv", name, {k: v for k, v in entry.items() if k != "all_us"})
+    q = torch.randn(1, heads, head_dim, device=device, dtype=torch.bfloat16)
+    k_cache = torch.randn(kv_heads, 4096, head_dim, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(256, device=device)[:8].to(torch.int32).view(1, 8)
+    lengths = torch.tensor([128], device=device, dtype=torch.int32)
+    attention = {}
+    for tile in (16, 32, 64, 128):
+        for warps in (1, 2, 4):
+            try:
+                attention[f"tile{tile}_warps{warps}"] = round(graph_seconds(
+                    lambda: paged_decode.paged_decode_attention(q, k_cache, v_cache, tables, lengths, 16, 0.125,
+                                                                tile=tile, num_warps=warps)) * 1e6, 2)
+            except Exception as exc:   # a configuration that does not compile is reported, the others measured
+                attention[f"tile{tile}_warps{warps}"] = repr(exc)[:200]
+    result["paged_decode_128_tokens_us"] = attention
+    log("paged decode, 128 tokens", attention)
+    logits = torch.randn(1, shape["vocab_size"], device=device)
+    assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
+    result["argmax_us"] = {"torch": round(graph_seconds(lambda: logits.argmax(dim=-1)) * 1e6, 2),
+                           "row_argmax": round(graph_seconds(lambda: row_argmax(logits)) * 1e6, 2)}
+    log("argmax", result["argmax_us"])
+    return result
+
+
 def correctness(folder: Path, device: torch.device, tokens: int, dry: bool) -> dict:
     from transformers import AutoTokenizer
 
@@ -253,8 +341,10 @@ def correctness(folder: Path, device: torch.device, tokens: int, dry: bool) -> d
                                 "tests/unit/test_cuda.py", "tests/unit/test_sampler.py::"
                                 "test_cuda_matches_cpu_processing_and_keeps_seeds_batch_independent"],
                                cwd=ROOT, capture_output=True, text=True, timeout=300)
-        result["cuda_tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}
-        log("cuda tests", result["cuda_tests"], tests.stdout[-3000:] if tests.returncode else "")
+        lines = tests.stdout.strip().splitlines()
+        failures = [line[:400] for line in lines if line.startswith(("E ", "FAILED", "____", "tests/"))][:80]
+        result["cuda_tests"] = {"returncode": tests.returncode, "summary": lines[-1:], "failures": failures}
+        log("cuda tests", result["cuda_tests"]["summary"], "\n".join(failures))
     return result
 
 
@@ -349,6 +439,17 @@ def speed(folder: Path, device: torch.device, limits: dict, dry: bool) -> dict:
                 graph.replay()
             sync(device)
             replay[f"graph_replay_{rows}_rows_s"] = (time.perf_counter() - started) / 50
+        # One replay at a time: the host's launch call alone, and launch to done (the GPU idle before it starts)
+        graph = graphs.graphs[1][0]
+        launch, alone = [], []
+        for _ in range(20):
+            started = time.perf_counter()
+            graph.replay()
+            launch.append(time.perf_counter() - started)
+            sync(device)
+            alone.append(time.perf_counter() - started)
+        replay["graph_launch_call_1_row_s"] = sorted(launch)[10]
+        replay["graph_replay_alone_1_row_s"] = sorted(alone)[10]
     scenarios["single_stream"] = {
         "systems": {"splitserve": {"tpot_s": tpot, "tpot_eager_steps_s": (eager[-1] - eager[0]) / (len(eager) - 1)},
                     "hf_generate": {"tpot_s": generate_tpot}},
@@ -408,6 +509,7 @@ def speed(folder: Path, device: torch.device, limits: dict, dry: bool) -> dict:
         "share_of_matmul_rate": round(rate / limits["bf16_matmul_tflops"], 3) if limits else None}
     log("prefill", scenarios["prefill_2048"])
     if os.environ.get("BENCH_PROFILE"):
+        host_profile(runs, prompts[6], 64)
         profile(runs, prompts[5], 16, "kernels of one stream, 16 eager steps")
         profile(runs, [long_prompt[0] + 11] + long_prompt[1:], 1, "kernels of the 2,048-token prefill")
     runs.stop()
@@ -447,6 +549,32 @@ def profile(runs: Runs, prompt: list[int], max_tokens: int, title: str) -> None:
     log(title + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
 
 
+def host_profile(runs: Runs, prompt: list[int], max_tokens: int) -> None:
+    """Prints where the loop thread's time goes in the decode steps of one request (cProfile, the engine's steps
+    only): the host's share of a graph-replayed step."""
+    import cProfile
+    import io
+    import pstats
+    profiler = cProfile.Profile()
+    original = runs.engine.step
+
+    def step() -> None:
+        profiler.enable()
+        try:
+            original()
+        finally:
+            profiler.disable()
+
+    runs.engine.step = step
+    try:
+        runs.run([prompt], max_tokens)
+    finally:
+        del runs.engine.step
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+    log("host time of one stream's steps (cProfile, by own time)\n" + text.getvalue()[-6000:])
+
+
 def timed_generate(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int, device: torch.device,
                    per_token: bool = False) -> float:
     """Seconds for generate's static batch of the prompts (all one length) to make new_tokens each; per_token:
@@ -473,7 +601,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     parser.add_argument("--fused-gpu-ops", action="store_true", help="the engines run the experimental fused ops")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: correctness, speed")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: kernels, correctness, speed")
     args = parser.parse_args()
     dry = args.dry_run
     global KV_GIB, FUSED_GPU_OPS
@@ -496,11 +624,13 @@ def main() -> None:
     report["limits"] = measure_limits(device) if not dry else {}
     log("limits", report["limits"])
     skip = set(filter(None, args.skip.split(",")))
-    for section in ("correctness", "speed"):
+    for section in ("kernels", "correctness", "speed"):
         if section in skip:
             continue
         try:   # a section that fails is reported; the other still runs
-            if section == "correctness":
+            if section == "kernels":
+                report["kernels"] = kernels(report["limits"], device, dry)
+            elif section == "correctness":
                 small = build_model(work / "smollm2-shaped", TINY_SHAPE if dry else SMOLLM2_SHAPE, device, seed=0)
                 report["correctness"] = correctness(small, device, tokens=24 if not dry else 6, dry=dry)
             else:

@@ -19,6 +19,7 @@ from hashlib import blake2b
 from itertools import chain
 
 import torch
+import torch.nn.functional as F
 
 from engine_service.sequence import Sequence, TokenLogprobs
 from engine_service.structured_output import mask_rows
@@ -154,6 +155,29 @@ def position_seed(seed: int, position: int) -> int:
     return int.from_bytes(blake2b(f"{seed}:{position}".encode(), digest_size=8).digest(), "little")
 
 
+def row_argmax(x: torch.Tensor, chunks: int = 256) -> torch.Tensor:
+    """x.argmax(dim=-1) for [rows, vocab] (the first index of the largest value, NaN counted largest, as torch's).
+    On GPUs a few rows of a large vocabulary take two stages: torch reduces each row in one thread block (28 us for
+    one row of 128,256 on an H200, a fiftieth of a step), here the row's chunks are reduced in parallel first."""
+    rows, vocab = x.shape
+    if x.device.type != "cuda" or vocab < 16 * chunks or rows > 16:
+        return x.argmax(dim=-1)
+    return two_stage_argmax(x, chunks)
+
+
+def two_stage_argmax(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """row_argmax's two stages: each chunk's argmax, then the first chunk holding the row's largest value."""
+    rows, vocab = x.shape
+    width = -(-vocab // chunks)
+    if width * chunks != vocab:
+        x = F.pad(x, (0, width * chunks - vocab), value=float("-inf"))
+    parts = x.view(rows, chunks, width)
+    within = parts.argmax(dim=-1)                                           # [rows, chunks]
+    best = parts.gather(2, within.unsqueeze(-1)).squeeze(-1)                # each chunk's largest
+    chunk = best.argmax(dim=-1, keepdim=True)                               # the first chunk holding the largest
+    return (chunk * width + within.gather(1, chunk)).squeeze(1)
+
+
 class Sampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -235,7 +259,7 @@ class Sampler:
         if len(sampled) == len(seqs):
             tokens = self._race(processed.softmax(dim=-1), seqs)
         else:
-            tokens = processed.argmax(dim=-1)
+            tokens = row_argmax(processed)
             if sampled:
                 index = _index(sampled, logits.device)
                 drawn = self._race(processed.index_select(0, index).softmax(dim=-1), [seqs[i] for i in sampled])

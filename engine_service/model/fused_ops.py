@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import functools
 
+import os
+
 import torch
+
+# Each product and sum rounded on its own, as eager torch's separate kernels round: no contraction of a multiply
+# and an add into one FMA (the GPU compiler's default).
+EXACT = {"enable_fp_fusion": False}
 
 
 @functools.cache
 def _kernels():
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
     def add_rms_norm(x_ptr, delta_ptr, weight_ptr, sum_ptr, out_ptr, width, eps,
@@ -76,13 +83,17 @@ def _kernels():
             tl.store(v_cache_ptr + cache_offset, value.to(v_cache_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def silu_and_mul(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    def silu_and_mul(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr, PRECISE_EXP: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < width
         gate = tl.load(gate_up_ptr + row * 2 * width + cols, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(gate_up_ptr + row * 2 * width + width + cols, mask=ok, other=0.0).to(tl.float32)
-        activated = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        if PRECISE_EXP:   # CUDA's expf, as torch's silu (tl.exp is the faster, approximate ex2 form)
+            exp = libdevice.exp(-gate)
+        else:             # Triton's interpreter: numpy's exp
+            exp = tl.exp(-gate)
+        activated = (gate / (1.0 + exp)).to(out_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + row * width + cols, (activated * up).to(out_ptr.dtype.element_ty), mask=ok)
 
     return add_rms_norm, rotary_and_cache, silu_and_mul
@@ -96,7 +107,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     total = torch.empty_like(x) if delta is not None else x
     out = torch.empty_like(x)
     _kernels()[0][(rows,)](x, delta if delta is not None else x, weight, total, out, width, eps,
-                           HAS_DELTA=delta is not None, WIDTH_PAD=triton.next_power_of_2(width))
+                           HAS_DELTA=delta is not None, WIDTH_PAD=triton.next_power_of_2(width), **EXACT)
     return total, out
 
 
@@ -111,7 +122,7 @@ def rotary_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sl
     k = torch.empty(tokens, kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _kernels()[1][(tokens, heads + kv_heads)](
         qkv, cos, sin, slots, q, k, k_cache, v_cache, k_cache.stride(0), heads, kv_heads,
-        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim))
+        HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim), **EXACT)
     return q, k
 
 
@@ -120,5 +131,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _kernels()[2][(rows, -(-width // block))](gate_up, out, width, BLOCK=block)
+    _kernels()[2][(rows, -(-width // block))](gate_up, out, width, BLOCK=block,
+                                              PRECISE_EXP=os.environ.get("TRITON_INTERPRET") != "1", **EXACT)
     return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine_service.model import cpu_kernels
+from engine_service.model import cpu_kernels, gpu_gemv
 
 COMPACT_ROWS = 64      # rows served by compact weights with our kernels
 BF16_TORCH_ROWS = 2    # rows served by the bf16 copy with torch's bf16 matmul (no kernel)
@@ -40,6 +40,7 @@ class Linear:
         self.blocks = None
         self.kernels = None
         self.bf16_rows = 0
+        self.gpu_gemv = False   # GPUs: one-row products through gpu_gemv (FastLlama turns it on)
         if compact and weight.dtype == torch.float32:
             self.bf16 = (weight.to(torch.bfloat16).contiguous(), None if bias is None else bias.to(torch.bfloat16))
             self.kernels = cpu_kernels.load() if weight.device.type == "cpu" else None
@@ -73,6 +74,8 @@ class Linear:
         return self.fp32_bytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gpu_gemv and x.shape[0] == 1:
+            return gpu_gemv.gemv(x, self.weight, self.bias)
         weights = self.weights_for(x.shape[0])
         if weights == "blocks":
             kernel, blocks, in_features = self.blocks

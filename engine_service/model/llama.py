@@ -17,6 +17,8 @@ from engine_service.model.attention import paged_attention_core
 from engine_service.model.linear import COMPACT_ROWS, Linear
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
+ROTARY_TABLE_POSITIONS = 1 << 17   # fused_gpu_ops: cos/sin tables up to this many positions (64 MiB at fp32, D 64)
 WEIGHTS_PER_LAYER = 7   # the one-call kernel's weights of one layer (decode_weights)
 
 
@@ -86,6 +88,10 @@ class FastLlama:
                 module.weight = None
         # GPUs, opt-in: the layers' small operations run as fused Triton kernels (fused_ops).
         self.fused = fused_gpu_ops and paged_decode.available(self.embed.device)
+        if self.fused and self.embed.dtype in (torch.bfloat16, torch.float16):   # fp32 keeps cuBLAS (see gpu_gemv)
+            for linear in [self.lm_head] + [getattr(w, name) for w in self.layers for name in LINEAR_NAMES]:
+                linear.gpu_gemv = linear.weight is not None
+        self.rotary_table = self._rotary_table(config) if self.fused else None
         # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp),
         # reading the compact weights (GGUF blocks where the model came from a GGUF file, else bf16).
         self.decode_kernels = kernels if self._fits_decode_kernel() else None
@@ -97,6 +103,20 @@ class FastLlama:
                     w.input_norm.contiguous(), w.qkv.compact(),
                     empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(),
                     w.post_norm.contiguous(), w.gate_up.compact(), w.down.compact())]
+
+    def _rotary_table(self, config) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin of every position the model takes, from the model's own rotary module (the same values it
+        computes per step: each position's angles are one product): a step reads its rows (one kernel) instead
+        of computing them (several). None for RoPE types whose angles depend on the step's longest position."""
+        positions = getattr(config, "max_position_embeddings", 0) or 0
+        if getattr(self.rotary, "rope_type", None) not in ("default", "linear", "llama3", "yarn") \
+                or not 0 < positions <= ROTARY_TABLE_POSITIONS:
+            return None
+        probe = self.embed[:1]
+        parts = [self.rotary(probe.unsqueeze(0), torch.arange(start, min(start + 8192, positions),
+                                                               device=probe.device).unsqueeze(0))
+                 for start in range(0, positions, 8192)]
+        return torch.cat([c[0] for c, _ in parts]), torch.cat([s[0] for _, s in parts])
 
     def _fits_decode_kernel(self) -> bool:
         return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
@@ -166,7 +186,10 @@ class FastLlama:
         final-normed hidden states of hidden_rows or None). num_layers < all: an early exit (the draft model of
         self-speculative decoding: the first layers, then the final norm and head)."""
         x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
+        if self.rotary_table is not None:
+            cos, sin = (table.index_select(0, positions).unsqueeze(0) for table in self.rotary_table)
+        else:
+            cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
         step = attention.current_step()
         tokens = x.shape[0]
         if (self.decode_kernels is not None and hidden_rows is None and not step.prefills
@@ -179,6 +202,9 @@ class FastLlama:
                 self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
         else:
             x = (self._fused_layers if self.fused else self._eager_layers)(x, cos[0], sin[0], num_layers)
-        hidden = None if hidden_rows is None else self._rms_norm(x.index_select(0, hidden_rows), self.final_norm)
-        x = self._rms_norm(x.index_select(0, keep), self.final_norm)
-        return self.lm_head(x), hidden
+        norm = self._fused_norm if self.fused else self._rms_norm
+        hidden = None if hidden_rows is None else norm(x.index_select(0, hidden_rows), self.final_norm)
+        return self.lm_head(norm(x.index_select(0, keep), self.final_norm)), hidden
+
+    def _fused_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return fused_ops.add_rms_norm(x, None, weight, self.eps)[1]

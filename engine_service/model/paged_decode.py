@@ -90,7 +90,8 @@ def _pad(n: int) -> int:
 
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           lengths: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                           lengths: torch.Tensor, block_size: int, scale: float, tile: int = BLOCK_N,
+                           num_warps: int = 4) -> torch.Tensor:
     """query [B, H, D]; k_cache/v_cache [Hkv, slots, D] (contiguous); tables [B, W] block ids; lengths [B] context
     length of each row (its own token included, already in the cache) -> [B, H, D] in query's dtype."""
     rows, heads, head_dim = query.shape
@@ -103,5 +104,5 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         query, k_cache, v_cache, out, tables, lengths,
         query.stride(0), query.stride(1), k_cache.stride(0), tables.stride(0), out.stride(0), out.stride(1),
         scale, GROUPS=groups, GROUPS_PAD=_pad(groups), HEAD_DIM=head_dim, DIM_PAD=_pad(head_dim),
-        BLOCK_SIZE=block_size, TILE=BLOCK_N)
+        BLOCK_SIZE=block_size, TILE=tile, num_warps=num_warps)
     return out

@@ -140,3 +140,19 @@ def test_fused_ops_round_as_the_eager_operations(dtype):
     gate_up = torch.randn(tokens, 2 * 1536, generator=generator).to(dtype).to(CUDA)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=step)
+
+
+@pytest.mark.parametrize("n,k,bias", [(3072, 2048, False), (2048, 8192, False), (1000, 576, True), (37, 300, False)])
+def test_gemv_is_the_bf16_product_up_to_its_sum_order(n, k, bias):
+    """gpu_gemv at one row against cuBLAS's bf16 product: fp32 sums in another order, rounded once to bf16, so at
+    most one bf16 step apart (and mostly equal); K not a multiple of the tile, a bias."""
+    from engine_service.model import gpu_gemv
+    generator = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=generator).to(torch.bfloat16).to(CUDA)
+    x = torch.randn(1, k, generator=generator).to(torch.bfloat16).to(CUDA)
+    b = torch.randn(n, generator=generator).to(torch.bfloat16).to(CUDA) if bias else None
+    ours, theirs = gpu_gemv.gemv(x, w, b).float(), torch.nn.functional.linear(x, w, b).float()
+    exact = x.double() @ w.double().T + (b.double() if bias else 0)
+    step = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-3))) - 7)      # one bf16 step at each value
+    assert ((ours.double() - exact).abs() <= step).all() and ((theirs.double() - exact).abs() <= step).all()
+    assert (ours != theirs).float().mean() < 0.2

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
 
 from engine_service.sampler import (
     Sampler, apply_logit_bias, apply_min_p, apply_presence_frequency, apply_repetition_penalty, apply_temperature,
-    apply_top_k, apply_top_p,
+    apply_top_k, apply_top_p, two_stage_argmax,
 )
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence
@@ -343,3 +343,18 @@ def test_cuda_matches_cpu_processing_and_keeps_seeds_batch_independent(batch):
     same(Sampler(cuda).process(batch.to(cuda), seqs).cpu(), Sampler(CPU).process(batch, seqs))
     in_batch = Sampler(cuda)(batch.to(cuda), mixed_seqs()).tokens
     assert in_batch[2] == Sampler(cuda)(batch[2:3].to(cuda), [mixed_seqs()[2]]).tokens[0]
+
+
+@pytest.mark.parametrize("rows,vocab,chunks", [(1, 128256, 256), (3, 49152, 256), (5, 1000, 7), (2, 4096, 64)])
+def test_two_stage_argmax_is_torchs_argmax(rows, vocab, chunks):
+    """row_argmax's GPU form (chunks reduced first) picks what argmax picks: the first of tied largest values,
+    a NaN over any number, index 0 for a row of -inf; vocabularies that do not divide into the chunks."""
+    generator = torch.Generator().manual_seed(rows + vocab)
+    x = torch.randn(rows, vocab, generator=generator)
+    x[0, 5] = x[0].max() + 1
+    x[0, vocab - 1] = x[0, 5]
+    if rows > 1:
+        x[1] = float("-inf")
+    if rows > 2:
+        x[2, 17] = x[2, 900] = float("nan")
+    assert torch.equal(two_stage_argmax(x, chunks), x.argmax(dim=-1))
