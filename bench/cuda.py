@@ -42,7 +42,7 @@ LLAMA_1B_SHAPE = dict(vocab_size=128256, hidden_size=2048, intermediate_size=819
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0)
 TINY_SHAPE = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-FUSED_GPU_OPS = False    # --fused-gpu-ops: the engines run with fused_ops
+FUSED_GPU_OPS = True     # --no-fused-gpu-ops: the engines run without fused_ops and gpu_gemv
 KV_GIB = 4.0             # the KV cache of the correctness engines (--dry-run: 0.05)
 NEAR_TIE_NATS = 0.5      # tests/e2e: at the first difference, the two tokens' log-probabilities within this
 
@@ -188,22 +188,22 @@ def measure_limits(device: torch.device) -> dict:
 
 
 def graph_seconds(function, calls: int = 40) -> float:
-    """Seconds per call of function() replayed from a CUDA graph of `calls` calls (launch costs as in the
-    engine's graphs, none of Python's); on the CPU (--dry-run) plain calls."""
+    """Seconds per call of function(i), i = 0..calls-1, replayed from a CUDA graph of the calls (launch costs as
+    in the engine's graphs, none of Python's); on the CPU (--dry-run) plain calls."""
     if not torch.cuda.is_available():
         started = time.perf_counter()
-        for _ in range(2):
-            function()
+        for i in range(2):
+            function(i)
         return (time.perf_counter() - started) / 2
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        function()
+        function(0)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            function()
+        for i in range(calls):
+            function(i)
     graph.replay()
     torch.cuda.synchronize()
     best = float("inf")
@@ -217,38 +217,51 @@ def graph_seconds(function, calls: int = 40) -> float:
 
 def kernels(limits: dict, device: torch.device, dry: bool) -> dict:
     """The batch-1 step's pieces on their own, in graphs: each Llama-3.2-1B product at one row through cuBLAS and
-    through gpu_gemv's configurations (us, and TB/s of weights read); the paged decode kernel's tile sizes at a
-    128-token context; the greedy argmax over 128,256 logits, torch's and row_argmax."""
+    through gpu_gemv's configurations (us, and TB/s of weights read; successive calls read different copies of the
+    weights, over 256 MB in all, so none comes from the 50 MB L2 as in a real step), and with its prologue; the
+    paged decode kernel's tile sizes and precisions at a 128-token context; the greedy argmax over 128,256
+    logits, torch's and row_argmax."""
     import torch.nn.functional as F
 
     from engine_service.model import gpu_gemv, paged_decode
     from engine_service.sampler import row_argmax
-    shape = TINY_SHAPE if dry else LLAMA_1B_SHAPE
+    shape = dict(TINY_SHAPE, vocab_size=4096) if dry else LLAMA_1B_SHAPE
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
     heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
     head_dim = hidden // heads
     products = {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, hidden),
                 "gate_up": (2 * inter, hidden), "down": (hidden, inter), "head": (shape["vocab_size"], hidden)}
-    configs = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)] if not dry else \
-        [gpu_gemv.CONFIG, (4, 64, 4)]
+    configs = [(bn, bk, w) for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)] if not dry else []
+    configs += [c for c in {gpu_gemv.config_for(n, k) for n, k in products.values()} if c not in configs]
     result: dict = {"gemv": {}}
     for name, (n, k) in products.items():
-        w = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        copies = 1 if dry else max(2, -(-(256 << 20) // (n * k * 2)))
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
         x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-        reference = F.linear(x, w)
-        entry = {"cublas_us": round(graph_seconds(lambda: F.linear(x, w)) * 1e6, 2)}
+        reference = F.linear(x, ws[0])
+        entry = {"cublas_us": round(graph_seconds(lambda i: F.linear(x, ws[i % copies])) * 1e6, 2)}
         timings = {}
         for config in configs:
-            error = (gpu_gemv.gemv(x, w, None, config).float() - reference.float()).abs().max().item()
-            timings[config] = (graph_seconds(lambda: gpu_gemv.gemv(x, w, None, config)) * 1e6, error)
+            error = (gpu_gemv.gemv(x, ws[0], None, config).float() - reference.float()).abs().max().item()
+            timings[config] = (graph_seconds(lambda i: gpu_gemv.gemv(x, ws[i % copies], None, config)) * 1e6, error)
         best = min(timings, key=lambda c: timings[c][0])
+        chosen = gpu_gemv.config_for(n, k)
         entry.update({"best_config": list(best), "best_us": round(timings[best][0], 2),
-                      "default_us": round(timings[gpu_gemv.CONFIG][0], 2),
+                      "chosen_config": list(chosen), "chosen_us": round(timings[chosen][0], 2),
                       "max_error_vs_cublas": max(e for _, e in timings.values()),
                       "all_us": {str(c): round(t, 2) for c, (t, _) in timings.items()}})
+        if name in ("qkv", "gate_up"):       # with the residual add + RMSNorm before it
+            norm, delta = torch.randn(k, device=device, dtype=torch.bfloat16), torch.randn_like(x)
+            entry["with_norm_prologue_us"] = round(graph_seconds(
+                lambda i: gpu_gemv.norm_gemv(x, delta, norm, 1e-5, ws[i % copies])) * 1e6, 2)
+        if name == "down":                   # with SiLU * up before it
+            gate_up = torch.randn(1, 2 * k, device=device, dtype=torch.bfloat16)
+            entry["with_silu_prologue_us"] = round(graph_seconds(
+                lambda i: gpu_gemv.silu_gemv(gate_up, ws[i % copies])) * 1e6, 2)
         if limits:
-            entry["cublas_tb_s"] = round(w.nbytes / entry["cublas_us"] / 1e6, 2)
-            entry["best_tb_s"] = round(w.nbytes / entry["best_us"] / 1e6, 2)
+            entry["cublas_tb_s"] = round(n * k * 2 / entry["cublas_us"] / 1e6, 2)
+            entry["best_tb_s"] = round(n * k * 2 / entry["best_us"] / 1e6, 2)
+            entry["chosen_tb_s"] = round(n * k * 2 / entry["chosen_us"] / 1e6, 2)
         result["gemv"][name] = entry
         log("gemv", name, {k: v for k, v in entry.items() if k != "all_us"})
     q = torch.randn(1, heads, head_dim, device=device, dtype=torch.bfloat16)
@@ -257,20 +270,26 @@ def kernels(limits: dict, device: torch.device, dry: bool) -> dict:
     tables = torch.randperm(256, device=device)[:8].to(torch.int32).view(1, 8)
     lengths = torch.tensor([128], device=device, dtype=torch.int32)
     attention = {}
-    for tile in (16, 32, 64, 128):
-        for warps in (1, 2, 4):
-            try:
-                attention[f"tile{tile}_warps{warps}"] = round(graph_seconds(
-                    lambda: paged_decode.paged_decode_attention(q, k_cache, v_cache, tables, lengths, 16, 0.125,
-                                                                tile=tile, num_warps=warps)) * 1e6, 2)
-            except Exception as exc:   # a configuration that does not compile is reported, the others measured
-                attention[f"tile{tile}_warps{warps}"] = repr(exc)[:200]
+    exact = paged_decode.paged_decode_attention(q, k_cache, v_cache, tables, lengths, 16, 0.125,
+                                                tensor_cores=False).float()
+    for cores in (False, True):
+        for tile in (32, 64, 128):
+            for warps in (2, 4):
+                name = f"{'tensor_cores' if cores else 'fp32'}_tile{tile}_warps{warps}"
+                try:
+                    attention[name] = round(graph_seconds(lambda i: paged_decode.paged_decode_attention(
+                        q, k_cache, v_cache, tables, lengths, 16, 0.125, tile=tile, num_warps=warps,
+                        tensor_cores=cores)) * 1e6, 2)
+                except Exception as exc:   # a configuration that does not compile is reported, the others measured
+                    attention[name] = repr(exc)[:200]
+    result["paged_decode_tensor_cores_max_difference"] = (paged_decode.paged_decode_attention(
+        q, k_cache, v_cache, tables, lengths, 16, 0.125, tensor_cores=True).float() - exact).abs().max().item()
     result["paged_decode_128_tokens_us"] = attention
     log("paged decode, 128 tokens", attention)
     logits = torch.randn(1, shape["vocab_size"], device=device)
     assert torch.equal(row_argmax(logits), logits.argmax(dim=-1))
-    result["argmax_us"] = {"torch": round(graph_seconds(lambda: logits.argmax(dim=-1)) * 1e6, 2),
-                           "row_argmax": round(graph_seconds(lambda: row_argmax(logits)) * 1e6, 2)}
+    result["argmax_us"] = {"torch": round(graph_seconds(lambda i: logits.argmax(dim=-1)) * 1e6, 2),
+                           "row_argmax": round(graph_seconds(lambda i: row_argmax(logits)) * 1e6, 2)}
     log("argmax", result["argmax_us"])
     return result
 
@@ -600,7 +619,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script")
     parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
-    parser.add_argument("--fused-gpu-ops", action="store_true", help="the engines run the experimental fused ops")
+    parser.add_argument("--no-fused-gpu-ops", dest="fused_gpu_ops", action="store_false",
+                        help="the engines run without the fused ops and the one-row GEMV (eager torch, cuBLAS)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: kernels, correctness, speed")
     args = parser.parse_args()
     dry = args.dry_run

@@ -38,8 +38,8 @@ class EngineConfig:
     fast_path: bool = field(default=True, metadata={"help": "hand-written forward pass for Llama-family models"})
     cuda_graphs: bool = field(default=True, metadata={
         "help": "GPUs: plain decode steps replay CUDA graphs captured at start, one per batch size"})
-    fused_gpu_ops: bool = field(default=False, metadata={
-        "help": "GPUs, experimental: the layers' small ops as fused Triton kernels (not yet verified on a GPU)"})
+    fused_gpu_ops: bool = field(default=True, metadata={
+        "help": "GPUs: the layers' small ops as fused Triton kernels, one-row products through our GEMV"})
     draft_layers: int = field(default=-1, metadata={
         "help": "speculative=\"draft\" requests draft with the model's first N layers (self-speculative early "
                 "exit); -1 = a quarter of the layers, 0 = no draft model"})

@@ -116,7 +116,7 @@ class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
                  prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False,
-                 step_delay: float = 0.0, cuda_graphs: bool = True, fused_gpu_ops: bool = False) -> None:
+                 step_delay: float = 0.0, cuda_graphs: bool = True, fused_gpu_ops: bool = True) -> None:
         self.model_path = model_path   # also the tokenizer's folder (structured output's vocabulary)
         self.device = device
         self.dtype = dtype

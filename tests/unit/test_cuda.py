@@ -64,17 +64,24 @@ def _greedy(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> list
     return [collector.tokens[f"{tag}{index}"] for index in range(len(prompts))]
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_dir, fused):
+@pytest.mark.parametrize("ops", ["eager", "fused", "fused+gemv"])
+def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_dir, ops):
     """fp32 on the GPU: 5 requests at once (a graph of 8 rows, 3 of them padding), then each alone (the 1-row
     graph): the tokens are generate's, and the same with the graphs off (every step eager); with and without the
-    fused ops."""
+    fused ops, and with gpu_gemv's products turned on in fp32 too (bf16 models only use them: here the one-row
+    steps run FastLlama._one_row, its norm and SiLU prologues, and are checked token for token)."""
     from engine_service.engine import Engine
+    from engine_service.model.llama import LINEAR_NAMES
     from engine_service.model_runner import ModelRunner
 
+    fused = ops != "eager"
     runner = ModelRunner(str(cuda_model_dir), "cuda-tiny", CUDA, torch.float32, kv_cache_bytes=1 << 26,
                          block_size=16, max_model_len=0, fused_gpu_ops=fused)
     assert runner.fast.fused == fused
+    if ops == "fused+gemv":
+        fast = runner.fast
+        for linear in [fast.lm_head] + [getattr(w, name) for w in fast.layers for name in LINEAR_NAMES]:
+            linear.gpu_gemv = True
     engine = Engine(runner, max_num_seqs=8, max_num_batched_tokens=512, max_waiting=64)
     assert runner.graphs is not None and runner.graphs.sizes == [1, 2, 4, 8]
     engine.start()
@@ -144,8 +151,8 @@ def test_fused_ops_round_as_the_eager_operations(dtype):
 
 @pytest.mark.parametrize("n,k,bias", [(3072, 2048, False), (2048, 8192, False), (1000, 576, True), (37, 300, False)])
 def test_gemv_is_the_bf16_product_up_to_its_sum_order(n, k, bias):
-    """gpu_gemv at one row against cuBLAS's bf16 product: fp32 sums in another order, rounded once to bf16, so at
-    most one bf16 step apart (and mostly equal); K not a multiple of the tile, a bias."""
+    """gpu_gemv at one row: fp32 sums rounded once to bf16, so within one bf16 step of the exact product (float64
+    here), and near cuBLAS's bf16 product; K not a multiple of the tile, a bias."""
     from engine_service.model import gpu_gemv
     generator = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=generator).to(torch.bfloat16).to(CUDA)
@@ -154,5 +161,7 @@ def test_gemv_is_the_bf16_product_up_to_its_sum_order(n, k, bias):
     ours, theirs = gpu_gemv.gemv(x, w, b).float(), torch.nn.functional.linear(x, w, b).float()
     exact = x.double() @ w.double().T + (b.double() if bias else 0)
     step = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(1e-3))) - 7)      # one bf16 step at each value
-    assert ((ours.double() - exact).abs() <= step).all() and ((theirs.double() - exact).abs() <= step).all()
-    assert (ours != theirs).float().mean() < 0.2
+    assert ((ours.double() - exact).abs() <= step).all()
+    # cuBLAS's split-K kernels round partial sums to bf16 (seen on an H200: some results over a step off): it is
+    # the looser one, so it bounds the comparison only loosely.
+    assert ((ours - theirs).abs() <= 8 * step).all()
