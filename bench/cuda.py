@@ -218,9 +218,8 @@ def graph_seconds(function, calls: int = 40) -> float:
 def kernels(limits: dict, device: torch.device, dry: bool) -> dict:
     """The batch-1 step's pieces on their own, in graphs: each Llama-3.2-1B product at one row through cuBLAS and
     through gpu_gemv's configurations (us, and TB/s of weights read; successive calls read different copies of the
-    weights, over 256 MB in all, so none comes from the 50 MB L2 as in a real step), and with its prologue; the
-    paged decode kernel's tile sizes and precisions at a 128-token context; the greedy argmax over 128,256
-    logits, torch's and row_argmax."""
+    weights, over 256 MB in all, so none comes from the 50 MB L2 as in a real step); the paged decode kernel's
+    tile sizes at a 128-token context; the greedy argmax over 128,256 logits, torch's and row_argmax."""
     import torch.nn.functional as F
 
     from engine_service.model import gpu_gemv, paged_decode
@@ -250,14 +249,6 @@ def kernels(limits: dict, device: torch.device, dry: bool) -> dict:
                       "chosen_config": list(chosen), "chosen_us": round(timings[chosen][0], 2),
                       "max_error_vs_cublas": max(e for _, e in timings.values()),
                       "all_us": {str(c): round(t, 2) for c, (t, _) in timings.items()}})
-        if name in ("qkv", "gate_up"):       # with the residual add + RMSNorm before it
-            norm, delta = torch.randn(k, device=device, dtype=torch.bfloat16), torch.randn_like(x)
-            entry["with_norm_prologue_us"] = round(graph_seconds(
-                lambda i: gpu_gemv.norm_gemv(x, delta, norm, 1e-5, ws[i % copies])) * 1e6, 2)
-        if name == "down":                   # with SiLU * up before it
-            gate_up = torch.randn(1, 2 * k, device=device, dtype=torch.bfloat16)
-            entry["with_silu_prologue_us"] = round(graph_seconds(
-                lambda i: gpu_gemv.silu_gemv(gate_up, ws[i % copies])) * 1e6, 2)
         if limits:
             entry["cublas_tb_s"] = round(n * k * 2 / entry["cublas_us"] / 1e6, 2)
             entry["best_tb_s"] = round(n * k * 2 / entry["best_us"] / 1e6, 2)
@@ -270,20 +261,14 @@ def kernels(limits: dict, device: torch.device, dry: bool) -> dict:
     tables = torch.randperm(256, device=device)[:8].to(torch.int32).view(1, 8)
     lengths = torch.tensor([128], device=device, dtype=torch.int32)
     attention = {}
-    exact = paged_decode.paged_decode_attention(q, k_cache, v_cache, tables, lengths, 16, 0.125,
-                                                tensor_cores=False).float()
-    for cores in (False, True):
-        for tile in (32, 64, 128):
-            for warps in (2, 4):
-                name = f"{'tensor_cores' if cores else 'fp32'}_tile{tile}_warps{warps}"
-                try:
-                    attention[name] = round(graph_seconds(lambda i: paged_decode.paged_decode_attention(
-                        q, k_cache, v_cache, tables, lengths, 16, 0.125, tile=tile, num_warps=warps,
-                        tensor_cores=cores)) * 1e6, 2)
-                except Exception as exc:   # a configuration that does not compile is reported, the others measured
-                    attention[name] = repr(exc)[:200]
-    result["paged_decode_tensor_cores_max_difference"] = (paged_decode.paged_decode_attention(
-        q, k_cache, v_cache, tables, lengths, 16, 0.125, tensor_cores=True).float() - exact).abs().max().item()
+    for tile in (16, 32, 64, 128):
+        for warps in (1, 2, 4):
+            name = f"tile{tile}_warps{warps}"
+            try:
+                attention[name] = round(graph_seconds(lambda i: paged_decode.paged_decode_attention(
+                    q, k_cache, v_cache, tables, lengths, 16, 0.125, tile=tile, num_warps=warps)) * 1e6, 2)
+            except Exception as exc:   # a configuration that does not compile is reported, the others measured
+                attention[name] = repr(exc)[:200]
     result["paged_decode_128_tokens_us"] = attention
     log("paged decode, 128 tokens", attention)
     logits = torch.randn(1, shape["vocab_size"], device=device)

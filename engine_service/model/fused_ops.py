@@ -7,12 +7,13 @@ launches, and at a 2,048-token prefill their memory traffic is a tenth of the st
 - add_rms_norm: the residual add and the next RMSNorm (one row per program);
 - rotary_and_cache: q and k rotated, k and v written to their cache slots (one head of one token per program);
 - silu_and_mul: SiLU(gate) * up.
-Each rounds where transformers' own modules round (bf16 after every op, as eager PyTorch does), so the results are
-those of the eager operations up to the order of the fp32 sums in the RMSNorm mean.
+Each rounds where transformers' own modules round (bf16 after every op, as eager PyTorch does; no multiply-add
+contracted into an FMA; CUDA's expf in SiLU), so the results are those of the eager operations up to the order of
+the fp32 sums in the RMSNorm mean.
 
-Opt-in (`--fused-gpu-ops`): checked on the CPU with Triton's interpreter (fp32 engine tests token-identical to
-generate) and run on an H200 without fault in eager steps, but their GPU equality test and a graph-replayed run
-with them have not passed yet (the one run had a graph bug since fixed: cuda_graphs keeps its static tensors).
+On by default on GPUs (`--fused-gpu-ops`): on an H200, tests/unit/test_cuda.py's equality test passes (rotary and
+cache writes bit for bit, RMSNorm within a step of the dtype), graph-replayed fp32 greedy with them is
+token-identical to generate, and a 1B-shaped model's batch-1 step drops from 2.2 to 1.4 ms (bench/cuda.py).
 """
 from __future__ import annotations
 

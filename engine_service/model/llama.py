@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine_service.model import attention, fused_ops, gguf_weights, gpu_gemv, paged_decode
+from engine_service.model import attention, fused_ops, gguf_weights, paged_decode
 from engine_service.model.attention import paged_attention_core
 from engine_service.model.linear import COMPACT_ROWS, Linear
 
@@ -146,26 +146,6 @@ class FastLlama:
                 x = x + delta
         return x
 
-    def _one_row(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_layers: int | None
-                 ) -> torch.Tensor:
-        """A one-row step (a batch-1 decode) with fused_ops and gpu_gemv, to its logits: each product takes the
-        residual add + RMSNorm or the SiLU * up before it in its prologue, the head the final norm. Six kernels a
-        layer, the roundings of _fused_layers."""
-        step = attention.current_step()
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        cos, sin = cos.contiguous(), sin.contiguous()
-        delta = None
-        for index, w in enumerate(self.layers[:num_layers]):
-            x, qkv = gpu_gemv.norm_gemv(x, delta, w.input_norm, self.eps, w.qkv.weight, w.qkv.bias)
-            q, k = fused_ops.rotary_and_cache(qkv, cos, sin, step.slot_mapping, step.k_cache[index],
-                                              step.v_cache[index], self.num_heads, self.num_kv_heads, self.head_dim)
-            v = qkv[:, q_size + kv_size:].view(1, self.num_kv_heads, self.head_dim)
-            attn = paged_attention_core(index, self.groups, q, k, v, self.scaling, cache_written=True)
-            x, gate_up = gpu_gemv.norm_gemv(x, w.o(attn.reshape(1, q_size)), w.post_norm, self.eps,
-                                            w.gate_up.weight)
-            delta = gpu_gemv.silu_gemv(gate_up, w.down.weight)
-        return gpu_gemv.norm_gemv(x, delta, self.final_norm, self.eps, self.lm_head.weight)[1]
-
     def _eager_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_layers: int | None
                       ) -> torch.Tensor:
         """The layers as eager torch operations; cos/sin [T, D]."""
@@ -220,8 +200,6 @@ class FastLlama:
                 x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache[:layers],
                 step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
                 self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
-        elif tokens == 1 and keep.shape[0] == 1 and hidden_rows is None and self.lm_head.gpu_gemv:
-            return self._one_row(x, cos[0], sin[0], num_layers), None
         else:
             x = (self._fused_layers if self.fused else self._eager_layers)(x, cos[0], sin[0], num_layers)
         norm = self._fused_norm if self.fused else self._rms_norm

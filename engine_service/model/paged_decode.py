@@ -3,10 +3,9 @@ cache (through its block table), with no gather into a padded copy first.
 
 One program per (sequence, key/value head) serves all the query heads that share that key/value head (GQA): it
 walks the sequence's context in tiles of BLOCK_N tokens, finds each token's slot from the block table, and keeps
-an online softmax (running max and sum, as flash attention does). Softmax and sums are fp32. With an fp32 cache
+an online softmax (running max and sum, as flash attention does). Scores, softmax and the weighted sum are fp32;
 the products are fp32 too ("ieee": exact products, no TF32 rounding), so the kernel computes what the batched
-matmuls of attention._decode_attention compute, in another summation order; with a 16-bit cache they run on tensor
-cores as flash attention's do (TENSOR_CORES). It is bound by reading the cache,
+matmuls of attention._decode_attention compute, in another summation order. It is bound by reading the cache,
 and its loop bound is read on the device: one launch serves every context length, so a CUDA graph can hold it.
 
 Triton is imported on first use: CPU-only installs need not have it (TRITON_INTERPRET=1 runs the kernel on the CPU
@@ -15,17 +14,11 @@ for tests where Triton is installed).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
 
-log = logging.getLogger("splitserve.engine.paged_decode")
-
 BLOCK_N = 64   # context tokens per tile
-# 16-bit caches: scores and the weighted sum on tensor cores (16-bit inputs, fp32 sums; the softmax weights rounded
-# to the cache's dtype first, as flash attention and so transformers' SDPA path do). fp32 caches: exact fp32.
-TENSOR_CORES = True
 
 
 def available(device: torch.device) -> bool:
@@ -50,7 +43,7 @@ def _kernel():
                      q_stride_row, q_stride_head, cache_stride_head, table_stride, out_stride_row, out_stride_head,
                      scale,
                      GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, LOW_PRECISION: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         length = tl.load(lengths_ptr + row)
@@ -61,9 +54,7 @@ def _kernel():
         dim_ok = dim < HEAD_DIM
         heads = kv_head * GROUPS + group
         q = tl.load(q_ptr + row * q_stride_row + heads[:, None] * q_stride_head + dim[None, :],
-                    mask=group_ok[:, None] & dim_ok[None, :], other=0.0)
-        if not LOW_PRECISION:
-            q = q.to(tl.float32)
+                    mask=group_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
         best = tl.full([GROUPS_PAD], float("-inf"), tl.float32)
         total = tl.zeros([GROUPS_PAD], tl.float32)
         acc = tl.zeros([GROUPS_PAD, DIM_PAD], tl.float32)
@@ -75,21 +66,15 @@ def _kernel():
             slot = block.to(tl.int64) * BLOCK_SIZE + position % BLOCK_SIZE
             offsets = cache_base + slot[:, None] * HEAD_DIM + dim[None, :]
             load_ok = valid[:, None] & dim_ok[None, :]
-            k = tl.load(k_ptr + offsets, mask=load_ok, other=0.0)                              # [TILE, DIM]
-            if LOW_PRECISION:   # 16-bit q and k on tensor cores: exact products, fp32 sums
-                scores = tl.dot(q, tl.trans(k)) * scale                                       # [GROUPS, TILE]
-            else:
-                scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+            k = tl.load(k_ptr + offsets, mask=load_ok, other=0.0).to(tl.float32)             # [TILE, DIM]
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale                   # [GROUPS, TILE]
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
             total = total * rescale + tl.sum(weights, axis=1)
-            v = tl.load(v_ptr + offsets, mask=load_ok, other=0.0)
-            if LOW_PRECISION:   # the weights rounded to v's dtype, as flash attention does
-                acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
-            else:
-                acc = acc * rescale[:, None] + tl.dot(weights, v.to(tl.float32), input_precision="ieee")
+            v = tl.load(v_ptr + offsets, mask=load_ok, other=0.0).to(tl.float32)
+            acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision="ieee")
             best = new_best
         out = acc / total[:, None]
         tl.store(out_ptr + row * out_stride_row + heads[:, None] * out_stride_head + dim[None, :],
@@ -106,7 +91,7 @@ def _pad(n: int) -> int:
 
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                            lengths: torch.Tensor, block_size: int, scale: float, tile: int = BLOCK_N,
-                           num_warps: int = 4, tensor_cores: bool | None = None) -> torch.Tensor:
+                           num_warps: int = 4) -> torch.Tensor:
     """query [B, H, D]; k_cache/v_cache [Hkv, slots, D] (contiguous); tables [B, W] block ids; lengths [B] context
     length of each row (its own token included, already in the cache) -> [B, H, D] in query's dtype."""
     rows, heads, head_dim = query.shape
@@ -114,26 +99,10 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[2] == head_dim
     query = query if query.stride(-1) == 1 else query.contiguous()
     out = torch.empty(rows, heads, head_dim, dtype=query.dtype, device=query.device)
-    global TENSOR_CORES
     groups = heads // kv_heads
-    low = (TENSOR_CORES if tensor_cores is None else tensor_cores) and k_cache.dtype != torch.float32
-
-    def launch(low_precision: bool) -> None:
-        _kernel()[(rows, kv_heads)](
-            query, k_cache, v_cache, out, tables, lengths,
-            query.stride(0), query.stride(1), k_cache.stride(0), tables.stride(0), out.stride(0), out.stride(1),
-            scale, GROUPS=groups, GROUPS_PAD=_pad(groups), HEAD_DIM=head_dim, DIM_PAD=_pad(head_dim),
-            BLOCK_SIZE=block_size, TILE=tile, num_warps=num_warps, LOW_PRECISION=low_precision)
-
-    if not low:
-        launch(False)
-        return out
-    try:
-        launch(True)
-    except Exception:   # a GPU without 16-bit tensor-core products for this dtype (bf16 before sm80): exact math
-        if tensor_cores is not None or not TENSOR_CORES:
-            raise
-        log.warning("paged decode: no tensor-core variant for this GPU and dtype; fp32 products", exc_info=True)
-        TENSOR_CORES = False
-        launch(False)
+    _kernel()[(rows, kv_heads)](
+        query, k_cache, v_cache, out, tables, lengths,
+        query.stride(0), query.stride(1), k_cache.stride(0), tables.stride(0), out.stride(0), out.stride(1),
+        scale, GROUPS=groups, GROUPS_PAD=_pad(groups), HEAD_DIM=head_dim, DIM_PAD=_pad(head_dim),
+        BLOCK_SIZE=block_size, TILE=tile, num_warps=num_warps)
     return out

@@ -68,8 +68,8 @@ def _greedy(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> list
 def test_graph_replayed_decode_steps_equal_eager_steps_and_generate(cuda_model_dir, ops):
     """fp32 on the GPU: 5 requests at once (a graph of 8 rows, 3 of them padding), then each alone (the 1-row
     graph): the tokens are generate's, and the same with the graphs off (every step eager); with and without the
-    fused ops, and with gpu_gemv's products turned on in fp32 too (bf16 models only use them: here the one-row
-    steps run FastLlama._one_row, its norm and SiLU prologues, and are checked token for token)."""
+    fused ops, and with gpu_gemv's one-row products turned on in fp32 too (bf16 models only use them; here they
+    are checked token for token)."""
     from engine_service.engine import Engine
     from engine_service.model.llama import LINEAR_NAMES
     from engine_service.model_runner import ModelRunner
