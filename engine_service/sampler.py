@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from hashlib import blake2b
 from itertools import chain
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -160,6 +161,10 @@ def row_argmax(x: torch.Tensor, chunks: int = 256) -> torch.Tensor:
     On GPUs a few rows of a large vocabulary take two stages: torch reduces each row in one thread block (28 us for
     one row of 128,256 on an H200, a fiftieth of a step), here the row's chunks are reduced in parallel first."""
     rows, vocab = x.shape
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        # numpy's argmax is vectorised, torch's CPU one is not: 11 against 60-110 us for one row of 49,152 on the
+        # 2-core CI machine, 0.85 against 2.5 ms for 64 rows (same choice: first of the largest, NaN counted largest)
+        return torch.from_numpy(np.argmax(x.numpy(), axis=-1))
     if x.device.type != "cuda" or vocab < 16 * chunks or rows > 16:
         return x.argmax(dim=-1)
     return two_stage_argmax(x, chunks)

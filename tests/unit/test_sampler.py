@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
 
 from engine_service.sampler import (
     Sampler, apply_logit_bias, apply_min_p, apply_presence_frequency, apply_repetition_penalty, apply_temperature,
-    apply_top_k, apply_top_p, two_stage_argmax,
+    apply_top_k, apply_top_p, row_argmax, two_stage_argmax,
 )
 from engine_service.sampling import SamplingParams
 from engine_service.sequence import Sequence
@@ -347,8 +347,9 @@ def test_cuda_matches_cpu_processing_and_keeps_seeds_batch_independent(batch):
 
 @pytest.mark.parametrize("rows,vocab,chunks", [(1, 128256, 256), (3, 49152, 256), (5, 1000, 7), (2, 4096, 64)])
 def test_two_stage_argmax_is_torchs_argmax(rows, vocab, chunks):
-    """row_argmax's GPU form (chunks reduced first) picks what argmax picks: the first of tied largest values,
-    a NaN over any number, index 0 for a row of -inf; vocabularies that do not divide into the chunks."""
+    """row_argmax's GPU form (chunks reduced first) and its CPU form (numpy's) pick what argmax picks: the first of
+    tied largest values, a NaN over any number, index 0 for a row of -inf; vocabularies that do not divide into the
+    chunks."""
     generator = torch.Generator().manual_seed(rows + vocab)
     x = torch.randn(rows, vocab, generator=generator)
     x[0, 5] = x[0].max() + 1
@@ -358,3 +359,5 @@ def test_two_stage_argmax_is_torchs_argmax(rows, vocab, chunks):
     if rows > 2:
         x[2, 17] = x[2, 900] = float("nan")
     assert torch.equal(two_stage_argmax(x, chunks), x.argmax(dim=-1))
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))          # the CPU's (numpy's) too
+    assert torch.equal(row_argmax(x[:, : vocab // 2]), x[:, : vocab // 2].argmax(dim=-1))   # a strided view
