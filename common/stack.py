@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,8 +21,38 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.security import TlsFiles, sync_channel
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()          # ports this process gave out already (a bound-and-closed port looks free)
+_random = random.Random(os.urandom(8))
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_RANGE.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999   # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port nobody listens on, outside the kernel's ephemeral range. A port the kernel picks (bind to port 0) lies
+    in that range, so between this choice and the service's bind any outgoing connection (a health check, a client)
+    may take it as its source port: a fresh-clone CI run lost a TLS stack to 'Address already in use' that way."""
+    low, high = _ephemeral_range()
+    spans = [span for span in (range(10000, low), range(high + 1, 65536)) if len(span) >= 1000]
+    for _ in range(200 if spans else 0):
+        span = _random.choice(spans)
+        port = span[_random.randrange(len(span))]
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:          # no room outside the range: the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
