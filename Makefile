@@ -6,7 +6,7 @@ DEVICE ?= auto
 PROTOS := $(wildcard protos/splitserve/v1/*.proto)
 STUBS := splitserve/v1/gateway_pb2.py
 
-.PHONY: run test test-fast bench bench-peers protos install clean deploy-check load image image-test
+.PHONY: run test test-slow test-fast bench bench-peers protos install clean deploy-check load image image-test
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -37,10 +37,14 @@ run: $(STUBS) $(KERNELS)
 
 # Models are read from local folders only: nothing is fetched from a hub during tests.
 test: $(STUBS) $(KERNELS)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
+
+# The longest cases (marked slow: 30-70 s each), kept out of `make test` so that it stays under 20 minutes on 2 cores.
+test-slow: $(STUBS) $(KERNELS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m slow
 
 test-fast: $(STUBS)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not e2e"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not e2e and not slow"
 
 # Validates deploy/ without a container engine: compose, Prometheus config/rules/rule tests, Kubernetes schemas,
 # Dockerfile lint, dashboard up to date. deploy/install-tools.sh adds Debian's prometheus and docker-compose (root).

@@ -187,6 +187,7 @@ def ask(schema: type[BaseModel]) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Give an example {schema.__name__} as JSON."}]
 
 
+@pytest.mark.slow
 def test_parse_returns_valid_objects_for_20_schemas_streamed_and_not(client: openai.OpenAI, model: str):
     def parsed(schema: type[BaseModel], settings: dict, streamed: bool):
         def call() -> tuple[BaseModel | None, str]:

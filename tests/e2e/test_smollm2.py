@@ -76,6 +76,7 @@ def test_text_arrives_token_by_token(smollm2_gateway):
     assert len(arrivals) >= 8
 
 
+@pytest.mark.slow
 def test_compact_small_steps_match_fp32_generate_up_to_near_ties(smollm2_dir, smollm2_model, tokenizer):
     """The default CPU configuration runs decode steps of up to 64 sequences in one kernel call, reading the
     GGUF's own Q4_1/Q8_0 blocks (the model's exact weights) with fp32 activations and accumulation. 8 requests
@@ -135,6 +136,7 @@ def test_speculative_greedy_equals_plain_greedy(smollm2_gateway, greedy_referenc
     assert [g.token_ids for g in got] == greedy_references
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_beams", [2, 4])
 def test_beam_search_equals_generate(smollm2_gateway, smollm2_model, tokenizer, num_beams):
     prompts = [p for p in ALL_PROMPTS if not isinstance(p, str)][:3] + [p for p in ALL_PROMPTS if isinstance(p, str)][:3]

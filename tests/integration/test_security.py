@@ -285,6 +285,7 @@ def stalled_http_client(port: int, body: bytes) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_clients_that_stop_reading_lose_their_streams_and_free_slots_and_kv(tiny_stack, engine, tmp_path):
     """20 HTTP and 20 gRPC streams of n=16 that are never read: each write waits at most the write timeout, then
     the stream is dropped and its 16 sequences aborted; a normal request is served meanwhile."""

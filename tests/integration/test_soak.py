@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import openai
+import pytest
 
 from tests.helpers import make_request, openai_client, rss_kib
 from tests.integration.test_lifecycle import scrape, wait_until
@@ -70,6 +71,7 @@ def one_request(i: int, stub: gateway_pb2_grpc.GatewayStub, client: openai.OpenA
     return "ok"
 
 
+@pytest.mark.slow
 def test_soak_with_random_cancellations_leaves_nothing_behind(tiny_stack, gateway, engine):
     client = openai_client(tiny_stack)
     engine_pid = tiny_stack.services["engine"].process.pid
