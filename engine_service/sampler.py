@@ -259,8 +259,6 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleOutput:
         """logits: [len(seqs), vocab] in any float dtype; returns one token per sequence."""
-        if all(seq.matcher is None and seq.params.plain_greedy for seq in seqs):   # the common case, no copies
-            return self._with_logprobs(logits, seqs, row_argmax(logits).tolist())
         processed = self.process(logits, seqs)
         sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
         if len(sampled) == len(seqs):
@@ -271,11 +269,7 @@ class Sampler:
                 index = _index(sampled, logits.device)
                 drawn = self._race(processed.index_select(0, index).softmax(dim=-1), [seqs[i] for i in sampled])
                 tokens = tokens.index_copy(0, index, drawn)
-        return self._with_logprobs(logits, seqs, tokens.tolist())
-
-    @staticmethod
-    def _with_logprobs(logits: torch.Tensor, seqs: list[Sequence], token_list: list[int]) -> SampleOutput:
-        """The tokens, with the log-probabilities of the rows that ask for them (from the unprocessed logits)."""
+        token_list = tokens.tolist()
         want = [i for i, seq in enumerate(seqs) if seq.params.logprobs is not None]
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if want:

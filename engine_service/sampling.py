@@ -48,12 +48,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return is_greedy(self.temperature)
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that changes the logits first (penalties, bias): the token is their argmax."""
-        return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
-                and not self.frequency_penalty and not self.logit_bias)
-
     def validate(self) -> None:
         """Rejects what would corrupt engine state or crash a step; the gateway gives users nicer messages."""
         if self.max_tokens < 1:
