@@ -91,10 +91,12 @@ class FastLlama:
         if self.fused and self.embed.dtype in (torch.bfloat16, torch.float16):   # fp32 keeps cuBLAS (see gpu_gemv)
             for linear in [self.lm_head] + [getattr(w, name) for w in self.layers for name in LINEAR_NAMES]:
                 linear.gpu_gemv = linear.weight is not None
-        self.rotary_table = self._rotary_table(config) if self.fused else None
         # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp),
         # reading the compact weights (GGUF blocks where the model came from a GGUF file, else bf16).
         self.decode_kernels = kernels if self._fits_decode_kernel() else None
+        # The fused GPU kernels and the one-call CPU kernel read each row's cos/sin from a table.
+        use_table = self.fused or self.decode_kernels is not None
+        self.rotary_table = self._rotary_table(config) if use_table else None
         self.decode_weights: list[torch.Tensor] = []
         if self.decode_kernels is not None:
             empty = torch.empty(0)
@@ -185,26 +187,39 @@ class FastLlama:
         """input_ids, positions: [T]; keep: rows whose logits are wanted -> (logits [len(keep), vocab], the
         final-normed hidden states of hidden_rows or None). num_layers < all: an early exit (the draft model of
         self-speculative decoding: the first layers, then the final norm and head)."""
+        step = attention.current_step()
+        tokens = input_ids.shape[0]
+        if (self.decode_kernels is not None and hidden_rows is None and not step.prefills
+                and step.decode_slots is not None
+                and step.num_decode == tokens <= COMPACT_ROWS and step.k_cache[0].dtype == torch.float32):
+            return self.lm_head(self._decode_kernel_rows(input_ids, positions, keep, num_layers)), None
         x = F.embedding(input_ids, self.embed)
         if self.rotary_table is not None:
             cos, sin = (table.index_select(0, positions).unsqueeze(0) for table in self.rotary_table)
         else:
             cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
-        step = attention.current_step()
-        tokens = x.shape[0]
-        if (self.decode_kernels is not None and hidden_rows is None and not step.prefills
-                and step.decode_slots is not None
-                and step.num_decode == tokens <= COMPACT_ROWS and step.k_cache[0].dtype == torch.float32):
-            layers = len(self.layers) if num_layers is None else num_layers   # fewer: an early-exit draft
-            x = self.decode_kernels.decode_layers(
-                x, cos[0], sin[0], step.slot_mapping, step.decode_slots, step.decode_lengths, step.k_cache[:layers],
-                step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
-                self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
-        else:
-            x = (self._fused_layers if self.fused else self._eager_layers)(x, cos[0], sin[0], num_layers)
+        x = (self._fused_layers if self.fused else self._eager_layers)(x, cos[0], sin[0], num_layers)
         norm = self._fused_norm if self.fused else self._rms_norm
         hidden = None if hidden_rows is None else norm(x.index_select(0, hidden_rows), self.final_norm)
         return self.lm_head(norm(x.index_select(0, keep), self.final_norm)), hidden
+
+    def _decode_kernel_rows(self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor,
+                            num_layers: int | None) -> torch.Tensor:
+        """A decode step's rows from their tokens to the final norm in one call of our CPU kernel (the embedding,
+        every layer or the first num_layers (an early-exit draft), the final norm) -> the kept rows."""
+        step = attention.current_step()
+        if self.rotary_table is not None:
+            cos, sin = self.rotary_table
+        else:   # RoPE types whose angles depend on the step: this step's rows, in row order
+            cos, sin = (part[0] for part in self.rotary(self.embed[:1].unsqueeze(0), positions.unsqueeze(0)))
+            positions = torch.arange(input_ids.shape[0])
+        layers = len(self.layers) if num_layers is None else num_layers
+        rows = self.decode_kernels.decode_layers(
+            input_ids, self.embed, positions, cos, sin, step.slot_mapping, step.decode_slots, step.decode_lengths,
+            step.k_cache[:layers], step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
+            self.final_norm, self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
+        # keep lists rows in order: as many as the step has means every row (the usual case: no index_select).
+        return rows if keep.shape[0] == rows.shape[0] else rows.index_select(0, keep)
 
     def _fused_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return fused_ops.add_rms_norm(x, None, weight, self.eps)[1]

@@ -109,6 +109,40 @@ def test_decode_kernel_equals_eager_forward(kernels, request, architecture, batc
     torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
 
 
+@needs_kernels
+def test_rotary_table_rows_are_the_rotary_modules_values(kernels, tiny_model_dir):
+    """The one-call kernel reads each row's cos/sin from a table the model's rotary module built: the same floats
+    the module gives for that position in a step of its own."""
+    runner = ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
+                         block_size=16, max_model_len=0, compact_decode_weights=True)
+    fast = runner.fast
+    assert fast.decode_kernels is not None and fast.rotary_table is not None
+    last = fast.rotary_table[0].shape[0] - 1
+    for positions in ([0], [1, 7, 100], [last, 3, last - 1]):
+        index = torch.tensor(positions)
+        cos, sin = fast.rotary(fast.embed[:1].unsqueeze(0), index.unsqueeze(0))
+        assert torch.equal(fast.rotary_table[0][index], cos[0]) and torch.equal(fast.rotary_table[1][index], sin[0])
+
+
+@needs_kernels
+def test_decode_kernel_refuses_ids_and_positions_out_of_range(kernels):
+    """The kernel reads the embedding and rotary rows by index: an index outside them is an error, not a read
+    past the tensor. With no layers, a row is its embedding through the final norm."""
+    embed, table, norm = torch.randn(10, 16), torch.randn(4, 8), torch.rand(16)
+
+    def run(ids: list[int], positions: list[int]) -> torch.Tensor:
+        return kernels.decode_layers(torch.tensor(ids), embed, torch.tensor(positions), table, table,
+                                     torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                                     torch.ones(1, dtype=torch.long), [], [], [], norm, 2, 1, 8, 1e-5, 0.35)
+
+    row = embed[3:4]
+    torch.testing.assert_close(run([3], [2]), norm * (row * torch.rsqrt(row.pow(2).mean(-1, keepdim=True) + 1e-5)))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        run([10], [2])
+    with pytest.raises(RuntimeError, match="beyond the rotary table"):
+        run([3], [4])
+
+
 def test_qwen2_fast_path_equals_generate(tiny_qwen2_dir, tokenizer):
     """The fast path with q/k/v biases (fp32 throughout) gives transformers' greedy tokens."""
     runner = ModelRunner(str(tiny_qwen2_dir), "tiny-qwen2", torch.device("cpu"), torch.float32,
@@ -233,10 +267,10 @@ class _CountingKernels:
         self.rows: list[int] = []
         self.layers: list[int] = []
 
-    def decode_layers(self, x, cos, sin, slots, context, lengths, k_cache, *args):
-        self.rows.append(x.shape[0])
+    def decode_layers(self, ids, embed, positions, cos, sin, slots, context, lengths, k_cache, *args):
+        self.rows.append(ids.shape[0])
         self.layers.append(len(k_cache))
-        return self.module.decode_layers(x, cos, sin, slots, context, lengths, k_cache, *args)
+        return self.module.decode_layers(ids, embed, positions, cos, sin, slots, context, lengths, k_cache, *args)
 
 
 @needs_kernels
