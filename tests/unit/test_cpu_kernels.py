@@ -35,7 +35,7 @@ def kernels():
 
 @needs_kernels
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 41, 64])
 def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
     rng = np.random.default_rng(rows)
     weight = rng.standard_normal((37, 96)).astype(np.float32)   # N not a multiple of the kernel's 4-row groups
