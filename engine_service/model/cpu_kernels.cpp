@@ -305,6 +305,26 @@ inline void dequantize_row(const uint8_t* row, float* out, int64_t K) {
   }
 }
 
+// A per-thread scratch buffer of at least n floats (slot 0 or 1), kept between calls. The panel loops below run
+// once per chunk of weight rows (1,536 chunks for a 64-row step's LM head), and a fresh zero-filled vector for
+// each chunk was ~110 MB of memset per 64-row step.
+inline float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> buffers[2];
+  if (static_cast<int64_t>(buffers[slot].size()) < n) buffers[slot].resize(n);
+  return buffers[slot].data();
+}
+
+// Weight rows first..N (those a panel loop's groups leave over), one dequantised row at a time through the dot tiles.
+template <bool Q4>
+void leftover_rows(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* bp, float* yp, int64_t M,
+                   int64_t K, int64_t N, int64_t first) {
+  float* row = scratch(0, K);
+  for (int64_t n = first; n < N; ++n) {
+    dequantize_row<Q4>(wp + n * row_bytes, row, K);
+    rows<1>(xp, row, yp, bp, M, n, K, N);
+  }
+}
+
 // Steps of 4 to OUTER_PANEL_ROWS rows: each group of NB_MAX weight rows is dequantised into an fp32 panel (in L1)
 // and the panel goes through the fp32 register-tiled product (4x3 dot products), so the widening is paid once per
 // weight, not once per row.
@@ -313,17 +333,13 @@ void dot_panels(const float* xp, const uint8_t* wp, int64_t row_bytes, const flo
                         int64_t M, int64_t K, int64_t N) {
   const int64_t groups = N / NB_MAX;
   parallel_chunks(groups, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> panel(NB_MAX * K);
+    float* panel = scratch(0, NB_MAX * K);
     for (int64_t g = begin; g < end; ++g) {
-      for (int j = 0; j < NB_MAX; ++j) dequantize_row<Q4>(wp + (NB_MAX * g + j) * row_bytes, panel.data() + j * K, K);
-      rows<NB_MAX>(xp, panel.data(), yp, bp, M, NB_MAX * g, K, N);
+      for (int j = 0; j < NB_MAX; ++j) dequantize_row<Q4>(wp + (NB_MAX * g + j) * row_bytes, panel + j * K, K);
+      rows<NB_MAX>(xp, panel, yp, bp, M, NB_MAX * g, K, N);
     }
   });
-  std::vector<float> panel(K);
-  for (int64_t n = groups * NB_MAX; n < N; ++n) {
-    dequantize_row<Q4>(wp + n * row_bytes, panel.data(), K);
-    rows<1>(xp, panel.data(), yp, bp, M, n, K, N);
-  }
+  leftover_rows<Q4>(xp, wp, row_bytes, bp, yp, M, K, N, groups * NB_MAX);
 }
 
 // The 8 vectors r[0..8) as the rows of an 8x8 matrix, transposed in place (r[i] becomes column i).
@@ -381,7 +397,7 @@ inline void panel_tile(const float* x, const float* panel, float* y, const float
 // their limit, where here each x value feeds 16 weight rows. Below ~40 rows building the wider panel costs more
 // than it saves (SmolLM2 Q4_1 decode steps, 2 threads, interleaved A/B over 8 rounds, median step time against
 // dot_panels: 16 rows 1.19x, 32 rows 1.04x, 48 rows 0.93x, 64 rows 0.85x). The weight rows left over (N not a
-// multiple of 16) take the dot-product tiles, one dequantised row at a time.
+// multiple of 16) go through leftover_rows.
 constexpr int64_t OUTER_PANEL_ROWS = 40;
 
 template <bool Q4>
@@ -389,34 +405,31 @@ void outer_panels(const float* xp, const uint8_t* wp, int64_t row_bytes, const f
                         int64_t M, int64_t K, int64_t N) {
   const int64_t groups = N / PANEL_COLUMNS;
   parallel_chunks(groups, 2, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows16(PANEL_COLUMNS * K), panel(PANEL_COLUMNS * K);
+    float* rows16 = scratch(0, PANEL_COLUMNS * K);
+    float* panel = scratch(1, PANEL_COLUMNS * K);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t n0 = PANEL_COLUMNS * g;
-      for (int64_t j = 0; j < PANEL_COLUMNS; ++j) dequantize_row<Q4>(wp + (n0 + j) * row_bytes, rows16.data() + j * K, K);
+      for (int64_t j = 0; j < PANEL_COLUMNS; ++j) dequantize_row<Q4>(wp + (n0 + j) * row_bytes, rows16 + j * K, K);
       for (int64_t k0 = 0; k0 < K; k0 += 8)
         for (int64_t half = 0; half < 2; ++half) {
           __m256 r[8];
-          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows16.data() + (8 * half + i) * K + k0);
+          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows16 + (8 * half + i) * K + k0);
           transpose8(r);
-          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel.data() + (k0 + i) * PANEL_COLUMNS + 8 * half, r[i]);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * PANEL_COLUMNS + 8 * half, r[i]);
         }
       int64_t m0 = 0;
-      for (; m0 + PANEL_ROWS <= M; m0 += PANEL_ROWS) panel_tile<PANEL_ROWS>(xp, panel.data(), yp, bp, m0, n0, K, N);
+      for (; m0 + PANEL_ROWS <= M; m0 += PANEL_ROWS) panel_tile<PANEL_ROWS>(xp, panel, yp, bp, m0, n0, K, N);
       switch (M - m0) {
-        case 5: panel_tile<5>(xp, panel.data(), yp, bp, m0, n0, K, N); break;
-        case 4: panel_tile<4>(xp, panel.data(), yp, bp, m0, n0, K, N); break;
-        case 3: panel_tile<3>(xp, panel.data(), yp, bp, m0, n0, K, N); break;
-        case 2: panel_tile<2>(xp, panel.data(), yp, bp, m0, n0, K, N); break;
-        case 1: panel_tile<1>(xp, panel.data(), yp, bp, m0, n0, K, N); break;
+        case 5: panel_tile<5>(xp, panel, yp, bp, m0, n0, K, N); break;
+        case 4: panel_tile<4>(xp, panel, yp, bp, m0, n0, K, N); break;
+        case 3: panel_tile<3>(xp, panel, yp, bp, m0, n0, K, N); break;
+        case 2: panel_tile<2>(xp, panel, yp, bp, m0, n0, K, N); break;
+        case 1: panel_tile<1>(xp, panel, yp, bp, m0, n0, K, N); break;
         default: break;
       }
     }
   });
-  std::vector<float> panel(K);
-  for (int64_t n = groups * PANEL_COLUMNS; n < N; ++n) {
-    dequantize_row<Q4>(wp + n * row_bytes, panel.data(), K);
-    rows<1>(xp, panel.data(), yp, bp, M, n, K, N);
-  }
+  leftover_rows<Q4>(xp, wp, row_bytes, bp, yp, M, K, N, groups * PANEL_COLUMNS);
 }
 
 // y[M, N] = x[M, K] W^T (+ bias), W repacked Q4_1 (Q4) or Q8_0 blocks, [N, K / 32 * block bytes].
