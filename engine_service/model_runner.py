@@ -175,9 +175,10 @@ class ModelRunner:
         num_layers = len(self.fast.layers) if self.fast is not None else 0
         return max(0, min(num_layers // 4 if requested < 0 else requested, num_layers - 1))
 
-    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Cache slot of each position, given a block table (same leading shape or broadcastable)."""
-        blocks = torch.gather(block_table, -1, positions // self.block_size)
+    def _slots(self, block_table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Cache slot of each position, given a block table (same number of dimensions: a table per row of
+        positions, or one table for a 1-D run of positions). numpy: see forward."""
+        blocks = np.take_along_axis(block_table, positions // self.block_size, axis=-1)
         return blocks * self.block_size + positions % self.block_size
 
     @torch.inference_mode()
@@ -226,16 +227,14 @@ class ModelRunner:
         width = max(len(c.seq.block_table) for c in ordered)
         table_array = np.array([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in ordered],
                                dtype=np.int64)
-        table = torch.from_numpy(table_array)
         slot_parts: list[torch.Tensor] = []
         slots_of: dict[ScheduledChunk, list[int]] = {}
         decode_slots = decode_mask = lengths = decode_tables = None
         num_rows = len(row_chunk)
         if num_rows:
-            size = self.block_size
             row_table = table_array[row_chunk]
             row_positions = position_array[:num_rows]
-            row_slots = row_table[np.arange(num_rows), row_positions // size] * size + row_positions % size
+            row_slots = self._slots(row_table, row_positions[:, None])[:, 0]
             slot_parts.append(torch.from_numpy(row_slots))
             row_lengths = row_positions + 1
             if self.paged_kernel:   # the kernel reads the cache through the block tables
@@ -247,8 +246,7 @@ class ModelRunner:
                 span = np.arange(max_len, dtype=np.int64)
                 valid = span[None, :] < row_lengths[:, None]
                 context = np.where(valid, span[None, :], 0)   # each row's positions, padded with position 0
-                decode_slots = np.take_along_axis(row_table, context // size, axis=1) * size + context % size
-                decode_slots = torch.from_numpy(decode_slots).to(device)
+                decode_slots = torch.from_numpy(self._slots(row_table, context)).to(device)
                 if not valid.all():
                     decode_mask = torch.from_numpy(valid).view(1, num_rows, 1, max_len).to(device)
             row_slot_list = row_slots.tolist()
@@ -277,7 +275,7 @@ class ModelRunner:
         hidden_chunks: list[tuple[ScheduledChunk, int, int]] = []
         scratch_used = 0
         for i, c in enumerate(others):
-            row = table[len(decodes) + len(chains) + i]
+            row = table_array[len(decodes) + len(chains) + i]
             n = len(c.tree.tokens) if c.tree is not None else c.end - c.start
             scratch = c.tree is not None and not c.tree.in_place
             if scratch:  # guesses share positions: their keys/values go to scratch slots until accepted
@@ -286,12 +284,12 @@ class ModelRunner:
                 slots = torch.arange(n, dtype=torch.long) + self.cache.scratch_base + scratch_used
                 scratch_used += n
             else:
-                slots = self._slots(row, position_tensor[offset: offset + n])
+                slots = torch.from_numpy(self._slots(row, position_array[offset: offset + n]))
             slot_parts.append(slots)
             slots_of[c] = slots.tolist()
             context_slots = mask = None
             if c.start > 0:
-                context_slots = torch.cat([self._slots(row, torch.arange(c.start, dtype=torch.long)), slots])
+                context_slots = torch.cat([torch.from_numpy(self._slots(row, np.arange(c.start))), slots])
                 if scratch:
                     tree_mask = torch.tensor(c.tree.mask, dtype=torch.bool)
                     mask = torch.cat([torch.ones(n, c.start, dtype=torch.bool), tree_mask], dim=1).to(device)
@@ -367,8 +365,8 @@ class ModelRunner:
         if chunk.tree is None or chunk.tree.in_place:
             return
         source = [out.chunks[chunk].slots[row] for row in kv_rows]
-        table = torch.tensor(chunk.seq.block_table, dtype=torch.long)
-        target = self._slots(table, torch.arange(chunk.start, chunk.start + len(source), dtype=torch.long))
+        table = np.array(chunk.seq.block_table, dtype=np.int64)
+        target = torch.from_numpy(self._slots(table, np.arange(chunk.start, chunk.start + len(source))))
         self.cache.copy_slots(torch.tensor(source, dtype=torch.long, device=self.device), target.to(self.device))
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
