@@ -40,6 +40,8 @@ class BenchConfig:
     model: str = field(default=DEFAULT_MODEL, metadata={"env": "MODEL"})
     max_tokens: int = field(default=64, metadata={"help": "output tokens per request"})
     concurrency: str = field(default="1,4,16,64", metadata={"help": "concurrency levels"})
+    concurrency_rounds: int = field(default=3, metadata={
+        "help": "rounds of each concurrency level against generate's static batch, alternating the order"})
     shared_prefix_tokens: int = field(default=1000, metadata={"help": "system prompt length, shared prefix scenario"})
     prompt_lengths: str = field(default="64,256,1024,2048", metadata={"help": "TTFT vs prompt length"})
     threads: int = field(default=0, metadata={"help": "CPU threads for every system; 0 = all cores"})
@@ -71,9 +73,19 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, {platform.system()}"
 
 
-def prompts(tokenizer, count: int) -> tuple[list[str], list[list[int]]]:
-    texts = [f"Write a short, vivid paragraph about {TOPICS[i % len(TOPICS)]} (variation {i})." for i in range(count)]
+def prompts(tokenizer, count: int, round_index: int = 0) -> tuple[list[str], list[list[int]]]:
+    """count distinct prompts; another round's share no prefix with them (no prefix-cache hit across rounds)."""
+    start = "" if round_index == 0 else f"Round {round_index}. "
+    texts = [f"{start}Write a short, vivid paragraph about {TOPICS[i % len(TOPICS)]} (variation {i})."
+             for i in range(count)]
     return texts, [tokenizer(t).input_ids for t in texts]
+
+
+def medians(runs: list[dict[str, float]]) -> dict:
+    """The median of each figure over the runs, with the runs' tokens/s (their spread)."""
+    out: dict = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    out["tokens_per_s_runs"] = [round(run["tokens_per_s"], 1) for run in runs]
+    return out
 
 
 def random_prompt(tokenizer, length: int, rng: random.Random) -> str:
@@ -181,11 +193,21 @@ def main() -> None:
         bs1_tokens_per_s = n / (hf["ttft_s"] + (n - 1) * hf["tpot_s"])
         for level in levels:
             progress.set_postfix_str(f"concurrency {level}")
-            timings, wall = run_concurrent(stack.address("gateway"), texts[:level], n)
-            ours = {"tokens_per_s": sum(t.tokens for t in timings) / wall,
-                    "ttft_p50_s": statistics.median(t.ttft for t in timings),
-                    "tpot_p50_s": statistics.median(t.tpot for t in timings)}
-            static = peers.hf_static_batch(model, tokenizer, ids[:level], n)
+            # Both systems alternate over the rounds and each reports its medians: this shared machine's speed
+            # moves by up to 1.6x within minutes, and one run of each put that swing into the ratio.
+            # Each round has prompts of its own, the same for both: a repeated prompt would hit the prefix cache.
+            ours_runs, static_runs = [], []
+            for round_index in range(config.concurrency_rounds):
+                round_texts, round_ids = prompts(tokenizer, level, round_index)
+                for system in (("ours", "static") if round_index % 2 == 0 else ("static", "ours")):
+                    if system == "static":
+                        static_runs.append(peers.hf_static_batch(model, tokenizer, round_ids, n))
+                        continue
+                    timings, wall = run_concurrent(stack.address("gateway"), round_texts, n)
+                    ours_runs.append({"tokens_per_s": sum(t.tokens for t in timings) / wall,
+                                      "ttft_p50_s": statistics.median(t.ttft for t in timings),
+                                      "tpot_p50_s": statistics.median(t.tpot for t in timings)})
+            ours, static = medians(ours_runs), medians(static_runs)
             progress.update()
             continuous = peers.hf_continuous_batching(model, ids[:level], n) if config.hf_continuous_batching else None
             progress.update()
