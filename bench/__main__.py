@@ -173,12 +173,25 @@ def main() -> None:
 
         # single stream
         progress.set_postfix_str("single stream")
-        runs = [run_concurrent(stack.address("gateway"), [texts[0]], n)[0][0] for _ in range(3)]
-        ours = {"ttft_s": statistics.median(r.ttft for r in runs), "tpot_s": statistics.median(r.tpot for r in runs)}
-        hf = peers.hf_single_stream(model, ids[0], n)
-        progress.update()
+        # splitserve and llama.cpp alternate over 3 rounds (medians), as the concurrency levels do: run one after
+        # the other, this machine's drift between them went into tpot_vs_llamacpp.
         gguf = default_gguf_path() if config.model == DEFAULT_MODEL else None
-        llama = peers.llamacpp(ROOT / config.llamacpp_python, gguf, ids[0], n, threads) if gguf else None
+        runs, llama_runs = [], []
+        for round_index in range(3):
+            for system in (("ours", "llama.cpp") if round_index % 2 == 0 else ("llama.cpp", "ours")):
+                if system == "ours":
+                    runs.append(run_concurrent(stack.address("gateway"), [texts[0]], n)[0][0])
+                elif gguf is not None and (result := peers.llamacpp(ROOT / config.llamacpp_python, gguf, ids[0], n,
+                                                                    threads)) is not None:
+                    llama_runs.append(result)
+        ours = {"ttft_s": statistics.median(r.ttft for r in runs), "tpot_s": statistics.median(r.tpot for r in runs),
+                "tpot_s_runs": [round(r.tpot, 5) for r in runs]}
+        llama = {"ttft_s": statistics.median(r["ttft_s"] for r in llama_runs),
+                 "tpot_s": statistics.median(r["tpot_s"] for r in llama_runs),
+                 "tpot_s_runs": [round(r["tpot_s"], 5) for r in llama_runs],
+                 "tokens": llama_runs[-1]["tokens"]} if llama_runs else None
+        progress.update()
+        hf = peers.hf_single_stream(model, ids[0], n)
         progress.update()
         scenarios["single_stream"] = {
             "systems": {"splitserve": ours, "hf_generate": hf, "llamacpp": llama},
