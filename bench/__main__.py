@@ -7,6 +7,7 @@ import platform
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +82,24 @@ def prompts(tokenizer, count: int, round_index: int = 0) -> tuple[list[str], lis
     return texts, [tokenizer(t).input_ids for t in texts]
 
 
-def medians(runs: list[dict[str, float]]) -> dict:
-    """The median of each figure over the runs, with the runs' tokens/s (their spread)."""
+def alternate(rounds: int, ours: Callable[[int], dict], peer: Callable[[int], dict | None]
+              ) -> tuple[list[dict], list[dict]]:
+    """Each system's figures over `rounds` rounds, the two taking turns to go first (this shared machine's speed
+    moves by up to 1.6x within minutes: one run of each put that swing into their ratio). Both get the round's
+    index; a peer that is not installed returns None and has no runs."""
+    ours_runs, peer_runs = [], []
+    for round_index in range(rounds):
+        for system in ((ours, peer) if round_index % 2 == 0 else (peer, ours)):
+            figures = system(round_index)
+            if figures is not None:
+                (ours_runs if system is ours else peer_runs).append(figures)
+    return ours_runs, peer_runs
+
+
+def medians(runs: list[dict[str, float]], spread: str, digits: int) -> dict:
+    """The median of each figure over the runs, with each run's `spread` figure (rounded to `digits`)."""
     out: dict = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    out["tokens_per_s_runs"] = [round(run["tokens_per_s"], 1) for run in runs]
+    out[f"{spread}_runs"] = [round(run[spread], digits) for run in runs]
     return out
 
 
@@ -173,23 +188,19 @@ def main() -> None:
 
         # single stream
         progress.set_postfix_str("single stream")
-        # splitserve and llama.cpp alternate over 3 rounds (medians), as the concurrency levels do: run one after
-        # the other, this machine's drift between them went into tpot_vs_llamacpp.
+        # splitserve and llama.cpp alternate over 3 rounds (medians), as the concurrency levels do.
         gguf = default_gguf_path() if config.model == DEFAULT_MODEL else None
-        runs, llama_runs = [], []
-        for round_index in range(3):
-            for system in (("ours", "llama.cpp") if round_index % 2 == 0 else ("llama.cpp", "ours")):
-                if system == "ours":
-                    runs.append(run_concurrent(stack.address("gateway"), [texts[0]], n)[0][0])
-                elif gguf is not None and (result := peers.llamacpp(ROOT / config.llamacpp_python, gguf, ids[0], n,
-                                                                    threads)) is not None:
-                    llama_runs.append(result)
-        ours = {"ttft_s": statistics.median(r.ttft for r in runs), "tpot_s": statistics.median(r.tpot for r in runs),
-                "tpot_s_runs": [round(r.tpot, 5) for r in runs]}
-        llama = {"ttft_s": statistics.median(r["ttft_s"] for r in llama_runs),
-                 "tpot_s": statistics.median(r["tpot_s"] for r in llama_runs),
-                 "tpot_s_runs": [round(r["tpot_s"], 5) for r in llama_runs],
-                 "tokens": llama_runs[-1]["tokens"]} if llama_runs else None
+
+        def ours_single(_: int) -> dict:
+            timing = run_concurrent(stack.address("gateway"), [texts[0]], n)[0][0]
+            return {"ttft_s": timing.ttft, "tpot_s": timing.tpot}
+
+        def llama_single(_: int) -> dict | None:
+            return peers.llamacpp(ROOT / config.llamacpp_python, gguf, ids[0], n, threads) if gguf else None
+
+        runs, llama_runs = alternate(3, ours_single, llama_single)
+        ours = medians(runs, "tpot_s", 5)
+        llama = medians(llama_runs, "tpot_s", 5) if llama_runs else None
         progress.update()
         hf = peers.hf_single_stream(model, ids[0], n)
         progress.update()
@@ -206,21 +217,20 @@ def main() -> None:
         bs1_tokens_per_s = n / (hf["ttft_s"] + (n - 1) * hf["tpot_s"])
         for level in levels:
             progress.set_postfix_str(f"concurrency {level}")
-            # Both systems alternate over the rounds and each reports its medians: this shared machine's speed
-            # moves by up to 1.6x within minutes, and one run of each put that swing into the ratio.
             # Each round has prompts of its own, the same for both: a repeated prompt would hit the prefix cache.
-            ours_runs, static_runs = [], []
-            for round_index in range(config.concurrency_rounds):
-                round_texts, round_ids = prompts(tokenizer, level, round_index)
-                for system in (("ours", "static") if round_index % 2 == 0 else ("static", "ours")):
-                    if system == "static":
-                        static_runs.append(peers.hf_static_batch(model, tokenizer, round_ids, n))
-                        continue
-                    timings, wall = run_concurrent(stack.address("gateway"), round_texts, n)
-                    ours_runs.append({"tokens_per_s": sum(t.tokens for t in timings) / wall,
-                                      "ttft_p50_s": statistics.median(t.ttft for t in timings),
-                                      "tpot_p50_s": statistics.median(t.tpot for t in timings)})
-            ours, static = medians(ours_runs), medians(static_runs)
+            round_prompts = [prompts(tokenizer, level, r) for r in range(config.concurrency_rounds)]
+
+            def ours_level(round_index: int) -> dict:
+                timings, wall = run_concurrent(stack.address("gateway"), round_prompts[round_index][0], n)
+                return {"tokens_per_s": sum(t.tokens for t in timings) / wall,
+                        "ttft_p50_s": statistics.median(t.ttft for t in timings),
+                        "tpot_p50_s": statistics.median(t.tpot for t in timings)}
+
+            def static_level(round_index: int) -> dict:
+                return peers.hf_static_batch(model, tokenizer, round_prompts[round_index][1], n)
+
+            ours_runs, static_runs = alternate(config.concurrency_rounds, ours_level, static_level)
+            ours, static = medians(ours_runs, "tokens_per_s", 1), medians(static_runs, "tokens_per_s", 1)
             progress.update()
             continuous = peers.hf_continuous_batching(model, ids[:level], n) if config.hf_continuous_batching else None
             progress.update()
@@ -290,7 +300,8 @@ def main() -> None:
         # serves it (compact decode weights on CPU), minus gRPC; the two alternate three times (the stack idles
         # meanwhile) and each reports its median, so that a noisy minute of this shared machine falls on both.
         progress.set_postfix_str("overhead")
-        del model
+        model = None   # transformers' copy is done with: freed before the in-process engine loads (a closure
+        # above names it, so it is rebound rather than deleted)
         runner = ModelRunner(path, "bench", torch.device(info.device), dtype, kv_cache_bytes=1 << 30,
                              block_size=16, max_model_len=0, compact_decode_weights=info.device == "cpu")
         engine = Engine(runner, max_num_seqs=64, max_num_batched_tokens=2048, max_waiting=1024, draft_layers=-1)
