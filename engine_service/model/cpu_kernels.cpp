@@ -719,19 +719,18 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
   const int64_t* len = lengths.data_ptr<int64_t>();
   const float epsf = static_cast<float>(eps), scale = static_cast<float>(scaling);
   // The residual adds ride on the norms that follow them: x += delta, then the next norm of x, one pass per row.
+  // A layer's last residual (its MLP's output, in proj) is added by the next layer's input norm or the final norm.
   const auto add_norm = [&](const float* delta, const float* weight, float* out) {
     each_row(B, [&](int64_t b) {
       add_rms_norm_row(xp + b * H, delta == nullptr ? nullptr : delta + b * H, weight, out + b * H, H, epsf);
     });
   };
-  auto out = torch::empty_like(x);
-  if (layers == 0) add_norm(nullptr, final_norm.data_ptr<float>(), out.data_ptr<float>());
   for (int64_t layer = 0; layer < layers; ++layer) {
     const torch::Tensor* w = &weights[7 * layer];
     float* kc = k_cache[layer].data_ptr<float>();
     float* vc = v_cache[layer].data_ptr<float>();
     const int64_t S = k_cache[layer].size(1);
-    if (layer == 0) add_norm(nullptr, w[0].data_ptr<float>(), normed.data());
+    add_norm(layer == 0 ? nullptr : proj.data(), w[0].data_ptr<float>(), normed.data());
     linear_into(normed.data(), w[1], w[2].numel() ? w[2].data_ptr<float>() : nullptr, qkv.data(), B, H);
     // Rows write distinct cache slots and read nothing of each other here, so they may go in any order.
     each_row(B, [&](int64_t b) {
@@ -763,11 +762,9 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
       silu_mul(gate_up.data() + b * 2 * inter, gate_up.data() + b * 2 * inter + inter, act.data() + b * inter, inter);
     });
     linear_into(act.data(), w[6], nullptr, proj.data(), B, inter);
-    if (layer + 1 < layers)
-      add_norm(proj.data(), weights[7 * (layer + 1)].data_ptr<float>(), normed.data());
-    else
-      add_norm(proj.data(), final_norm.data_ptr<float>(), out.data_ptr<float>());
   }
+  auto out = torch::empty_like(x);
+  add_norm(layers == 0 ? nullptr : proj.data(), final_norm.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 
