@@ -373,8 +373,7 @@ constexpr int PANEL_ROWS = 6;           // rows of x per tile: 6 x 2 accumulator
 // ~0.77x).
 template <int MR>
 __attribute__((always_inline)) inline void panel_tile(const float* x, const float* panel, float* y, const float* bias,
-                                                      int64_t m0, int64_t n0,
-                       int64_t K, int64_t N) {
+                                                      int64_t m0, int64_t n0, int64_t K, int64_t N) {
   __m256 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const float* row[MR];
