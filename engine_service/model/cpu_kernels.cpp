@@ -158,291 +158,222 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor weight, c10::optional<t
   return y;
 }
 
-// GGUF's block formats, repacked once at load (gguf_weights.repack) into a layout made for these loops; the values
-// are the model's (the fp32 model is their dequantisation): fewer bytes, same values. Per matrix row:
-//   Q4_1 (w = d * q + m): nb blocks of 16 bytes of nibbles, then nb fp16 scales d, then nb fp16 minimums m. A
-//        block's 16 bytes are 8 little-endian uint16 lanes; nibble k (bits 4k..4k+3) of lane l is weight 8k + l, so
-//        a zero-extension to 32-bit lanes, a shift and a mask give 8 consecutive weights, ready for one conversion.
-//        (GGUF's own order, low nibbles then high nibbles bytewise, took four byte-to-int widenings on the shuffle
-//        port per block: the batch-1 step was bound by them, not by memory.)
-//   Q8_0 (w = d * q): nb blocks of 32 int8, then nb fp16 scales d.
-// Scales and minimums sit apart from the quants so that eight are widened by one instruction, and Q4_1's
-// minimums enter once per row as a dot product with the per-block sums of x.
+// GGUF's block formats, repacked once at load (gguf_weights.repack) into groups of 8 weight rows, the rows of a group
+// side by side in the lanes of a vector: one load gives 8 rows' weights at the same input position. The values are
+// the model's (the fp32 model is their dequantisation): fewer bytes, same values. Per group and block of 32 inputs:
+//   Q4_1 (w = d * q + m), 160 bytes: 8 quads of 8 rows' uint16 (quad t of row i holds weights t, t + 8, t + 16,
+//        t + 24 of that row's block in its nibbles 0-3), then the 8 rows' fp16 scales d, then their fp16 minimums m.
+//   Q8_0 (w = d * q), 272 bytes: 32 positions of 8 rows' int8, then the 8 rows' fp16 scales d.
+// Rows come in pairs of groups (16 rows, zero rows after the last matrix row): the unit of every loop below.
+// Against one row per weight row (the layout before 2026-12-07), a batch-1 product needs no horizontal sum per
+// weight row and no per-row scale handling, and an x value is broadcast once for 16 weight rows: SmolLM2's layers
+// at batch 1, 30 layers' four matrices in a loop, 4.38 -> 3.32 ms (interleaved, 9 rounds); a panel for 4 rows or
+// more is built without a transpose (16 rows 0.88x the time of the 4x3 dot tiles, 64 rows 0.93x of the transposed
+// panels, bit for bit the same products).
 namespace {
 
-inline float half_to_float(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, sizeof(h));
-  return _cvtsh_ss(h);
-}
-
-// n (<= 8) fp16 values at p as floats into out[0..n).
-inline void halves(const uint8_t* p, int64_t n, float* out) {
-  if (n == 8) {
-    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(p + 2 * i);
-}
-
-// sum_i halves[i] * v[i] over n values.
-inline float half_dot(const uint8_t* p, const float* v, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 * i))),
-                          _mm256_loadu_ps(v + i), acc);
-  float total = sum8(acc);
-  for (; i < n; ++i) total += half_to_float(p + 2 * i) * v[i];
-  return total;
-}
-
 template <bool Q4>
-constexpr int64_t quant_bytes() { return Q4 ? 16 : 32; }   // a block's quants
+constexpr int64_t group_block_bytes() { return Q4 ? 160 : 272; }
 
-template <bool Q4>
-constexpr int64_t block_bytes() { return Q4 ? 20 : 34; }   // a block's quants, scale (and minimum)
+constexpr int64_t PAIR_ROWS = 16;   // weight rows per pair of groups: two vectors of output columns
 
-// The 32 quants of block b as four vectors of 8 floats (weights 0-7, 8-15, 16-23, 24-31); Q4_1's times 16^k.
-template <bool Q4>
-inline void block_values(const uint8_t* quants, int64_t b, __m256 q[4]) {
-  if (Q4) {
-    const __m256i lanes =
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(quants + 16 * b)));
-    // Masked in place, not shifted down: nibble k converts to q * 16^k exactly, and x comes pre-scaled by 16^-k
-    // (linear_quant_into), so every product is the same float as x * q, one instruction fewer per 8 weights.
-    for (int k = 0; k < 4; ++k) q[k] = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(0x0F << (4 * k))));
-  } else {
-    const uint8_t* p = quants + 32 * b;
-    for (int k = 0; k < 4; ++k)
-      q[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * k))));
-  }
+inline __m256 load_halves(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Rows m0..m0+MB of x against weight rows n0..n0+NB: each block's quants are widened once and used for MB rows;
-// accumulators stay in registers. xsum[m * blocks + b] = sum of x[m] over block b (Q4_1's minimums).
-template <bool Q4, int MB, int NB>
-inline void quant_tile(const float* x, const uint8_t* w, int64_t row_bytes, const float* xsum, float* y,
-                       const float* bias, int64_t m0, int64_t n0, int64_t K, int64_t N) {
-  const int64_t blocks = K / 32, scales_at = blocks * quant_bytes<Q4>();
-  const uint8_t* rows[NB];
-  for (int j = 0; j < NB; ++j) rows[j] = w + (n0 + j) * row_bytes;
-  __m256 acc[MB][NB];
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_setzero_ps();
-  alignas(32) float scale[NB][8];
-  for (int64_t first = 0; first < blocks; first += 8) {
-    const int64_t count = std::min<int64_t>(8, blocks - first);
-    for (int j = 0; j < NB; ++j) halves(rows[j] + scales_at + 2 * first, count, scale[j]);
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t b = first + i;
-      for (int j = 0; j < NB; ++j) {
-        // The same place in the next tile's rows (a tile's rows are contiguous; row j's quants and scales pass
-        // by in step with b), a tile's work ahead: the hardware prefetcher alone, or a fixed distance into rows
-        // that this tile reads anyway, left the batch-1 loop waiting on memory (SmolLM2's layers: 13.5 -> ~9 ms).
-        _mm_prefetch(reinterpret_cast<const char*>(rows[j] + NB * row_bytes + b * block_bytes<Q4>()), _MM_HINT_T0);
-        __m256 q[4];
-        block_values<Q4>(rows[j], b, q);
-        const __m256 d = _mm256_broadcast_ss(&scale[j][i]);
-        for (int m = 0; m < MB; ++m) {
-          const float* xb = x + (m0 + m) * K + b * 32;
-          __m256 t = _mm256_mul_ps(_mm256_loadu_ps(xb), q[0]);
-          t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), q[1], t);
-          t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), q[2], t);
-          t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), q[3], t);
-          acc[m][j] = _mm256_fmadd_ps(d, t, acc[m][j]);
+// Q4_1 quad (8 rows' uint16) as 32-bit lanes.
+inline __m256i load_quad(const uint8_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Nibble s of each lane, in place: q * 16^s exactly as a float.
+inline __m256 nibble(__m256i quad, int s) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(quad, _mm256_set1_epi32(0x0F << (4 * s))));
+}
+
+// Q8_0: the 8 rows' int8 at one position as floats.
+inline __m256 load_int8s(const uint8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+// MR rows of x against the 16 weight rows of groups g0 and g1: out[m * 16 + j]. x rows are K apart; for Q4_1 they
+// come pre-scaled (x[32b + t + 8s] * 16^-s, for nibble s) with xsum[m * blocks + b] their unscaled block sums (the
+// minimums' term). Each block's products are summed in registers, then scaled by the 8 rows' d at once; `ahead`
+// bytes on, the next pair's block is prefetched (the hardware prefetcher alone left the loop waiting on memory).
+template <bool Q4, int MR>
+inline void pair_rows(const float* x, int64_t K, const float* xsum, const uint8_t* g0, const uint8_t* g1,
+                      int64_t blocks, int64_t ahead, float* out) {
+  constexpr int64_t G = group_block_bytes<Q4>();
+  constexpr int P = MR == 1 ? 2 : 1;   // chains per accumulator: one row alone needs two to hide the latency
+  __m256 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p0 = g0 + b * G;
+    const uint8_t* p1 = g1 + b * G;
+    for (int64_t c = 0; c < G; c += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(p0 + ahead + c), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p1 + ahead + c), _MM_HINT_T0);
+    }
+    __m256 part[MR][2][P];
+    for (int m = 0; m < MR; ++m)
+      for (int p = 0; p < P; ++p) part[m][0][p] = part[m][1][p] = _mm256_setzero_ps();
+    const float* xb = x + 32 * b;
+    if constexpr (Q4) {
+      for (int t = 0; t < 8; ++t) {
+        const __m256i quad0 = load_quad(p0 + 16 * t), quad1 = load_quad(p1 + 16 * t);
+        for (int s = 0; s < 4; ++s) {
+          const __m256 q0 = nibble(quad0, s), q1 = nibble(quad1, s);
+          for (int m = 0; m < MR; ++m) {
+            const __m256 xv = _mm256_broadcast_ss(xb + m * K + t + 8 * s);
+            part[m][0][s % P] = _mm256_fmadd_ps(q0, xv, part[m][0][s % P]);
+            part[m][1][s % P] = _mm256_fmadd_ps(q1, xv, part[m][1][s % P]);
+          }
+        }
+      }
+    } else {
+      for (int k = 0; k < 32; ++k) {
+        const __m256 q0 = load_int8s(p0 + 8 * k), q1 = load_int8s(p1 + 8 * k);
+        for (int m = 0; m < MR; ++m) {
+          const __m256 xv = _mm256_broadcast_ss(xb + m * K + k);
+          part[m][0][k % P] = _mm256_fmadd_ps(q0, xv, part[m][0][k % P]);
+          part[m][1][k % P] = _mm256_fmadd_ps(q1, xv, part[m][1][k % P]);
         }
       }
     }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int j = 0; j < NB; ++j) {
-      float total = sum8(acc[m][j]) + (bias ? bias[n0 + j] : 0.0f);
-      if (Q4) total += half_dot(rows[j] + scales_at + 2 * blocks, xsum + (m0 + m) * blocks, blocks);
-      y[(m0 + m) * N + n0 + j] = total;
+    const __m256 d0 = load_halves(p0 + (Q4 ? 128 : 256)), d1 = load_halves(p1 + (Q4 ? 128 : 256));
+    for (int m = 0; m < MR; ++m) {
+      __m256 s0 = part[m][0][0], s1 = part[m][1][0];
+      if constexpr (P == 2) {
+        s0 = _mm256_add_ps(s0, part[m][0][1]);
+        s1 = _mm256_add_ps(s1, part[m][1][1]);
+      }
+      acc[m][0] = _mm256_fmadd_ps(d0, s0, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(d1, s1, acc[m][1]);
     }
-}
-
-// Every row of x against weight rows n0..n0+NB, MB rows at a time.
-template <bool Q4, int NB, int MB>
-inline void quant_rows(const float* x, const uint8_t* w, int64_t row_bytes, const float* xsum, float* y,
-                       const float* bias, int64_t M, int64_t n0, int64_t K, int64_t N) {
-  int64_t m0 = 0;
-  for (; m0 + MB <= M; m0 += MB) quant_tile<Q4, MB, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N);
-  switch (M - m0) {
-    case 3: quant_tile<Q4, 3, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N); break;
-    case 2: quant_tile<Q4, 2, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N); break;
-    case 1: quant_tile<Q4, 1, NB>(x, w, row_bytes, xsum, y, bias, m0, n0, K, N); break;
-    default: break;
+  }
+  if constexpr (Q4) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m256 m0 = load_halves(g0 + b * G + 144), m1 = load_halves(g1 + b * G + 144);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 s = _mm256_broadcast_ss(xsum + m * blocks + b);
+        acc[m][0] = _mm256_fmadd_ps(m0, s, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(m1, s, acc[m][1]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(out + m * PAIR_ROWS, acc[m][0]);
+    _mm256_storeu_ps(out + m * PAIR_ROWS + 8, acc[m][1]);
   }
 }
 
-template <bool Q4, int NB, int MB>
-void quant_columns(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* sp, const float* bp,
-                   float* yp, int64_t M, int64_t K, int64_t N) {
-  const int64_t groups = N / NB;
-  parallel_chunks(groups, 16 / NB, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) quant_rows<Q4, NB, MB>(xp, wp, row_bytes, sp, yp, bp, M, NB * g, K, N);
-  });
-  for (int64_t n = groups * NB; n < N; ++n) quant_rows<Q4, 1, MB>(xp, wp, row_bytes, sp, yp, bp, M, n, K, N);
-}
-
-// Weight row `row` (repacked blocks) as its exact fp32 values: Q4_1's d * q (exact: 4 x 11 significant bits) + m
-// rounds once, as the dequantisation that built the fp32 model does; Q8_0's d * q is exact. block_values gives
-// Q4_1's nibble k as q * 16^k, so its scale is taken as d * 16^-k (exact too): the product is d * q all the same.
+// The 8 rows of a group dequantised to exact fp32 into columns of a panel (out[k * 16 + i] = row i at input k; out
+// is the panel's first or second half): Q4_1's d * q (exact: 4 x 11 significant bits, nibble s read as q * 16^s and
+// its scale taken as d * 16^-s, exact too) + m rounds once, as the dequantisation that built the fp32 model does;
+// Q8_0's d * q is exact.
 template <bool Q4>
-inline void dequantize_row(const uint8_t* row, float* out, int64_t K) {
-  const int64_t blocks = K / 32, scales_at = blocks * quant_bytes<Q4>();
+inline void pack_group(const uint8_t* group, float* out, int64_t blocks) {
   for (int64_t b = 0; b < blocks; ++b) {
-    const float d = half_to_float(row + scales_at + 2 * b);
-    const __m256 m = _mm256_set1_ps(Q4 ? half_to_float(row + scales_at + 2 * (blocks + b)) : 0.0f);
-    __m256 q[4];
-    block_values<Q4>(row, b, q);
-    for (int k = 0; k < 4; ++k) {
-      const __m256 scale = _mm256_set1_ps(Q4 ? d / static_cast<float>(1 << (4 * k)) : d);
-      _mm256_storeu_ps(out + 32 * b + 8 * k, _mm256_fmadd_ps(q[k], scale, m));
+    const uint8_t* p = group + b * group_block_bytes<Q4>();
+    float* o = out + 32 * b * PAIR_ROWS;
+    if constexpr (Q4) {
+      const __m256 d = load_halves(p + 128), m = load_halves(p + 144);
+      __m256 scale[4];
+      for (int s = 0; s < 4; ++s) scale[s] = _mm256_mul_ps(d, _mm256_set1_ps(1.0f / static_cast<float>(1 << (4 * s))));
+      for (int t = 0; t < 8; ++t) {
+        const __m256i quad = load_quad(p + 16 * t);
+        for (int s = 0; s < 4; ++s) _mm256_storeu_ps(o + (t + 8 * s) * PAIR_ROWS, _mm256_fmadd_ps(nibble(quad, s), scale[s], m));
+      }
+    } else {
+      const __m256 d = load_halves(p + 256);
+      for (int k = 0; k < 32; ++k) _mm256_storeu_ps(o + k * PAIR_ROWS, _mm256_mul_ps(load_int8s(p + 8 * k), d));
     }
   }
 }
 
 // A per-thread scratch buffer of at least n floats (slot 0 or 1), kept between calls. The panel loops below run
-// once per chunk of weight rows (1,536 chunks for a 64-row step's LM head), and a fresh zero-filled vector for
-// each chunk was ~110 MB of memset per 64-row step.
+// once per pair of groups (3,072 pairs for a 64-row step's LM head), and a fresh zero-filled vector for each was
+// ~110 MB of memset per 64-row step.
 inline float* scratch(int slot, int64_t n) {
   thread_local std::vector<float> buffers[2];
   if (static_cast<int64_t>(buffers[slot].size()) < n) buffers[slot].resize(n);
   return buffers[slot].data();
 }
 
-// Weight rows first..N (those a panel loop's groups leave over), one dequantised row at a time through the dot tiles.
-template <bool Q4>
-void leftover_rows(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* bp, float* yp, int64_t M,
-                   int64_t K, int64_t N, int64_t first) {
-  float* row = scratch(0, K);
-  for (int64_t n = first; n < N; ++n) {
-    dequantize_row<Q4>(wp + n * row_bytes, row, K);
-    rows<1>(xp, row, yp, bp, M, n, K, N);
-  }
-}
+constexpr int PANEL_ROWS = 6;   // rows of x per tile: 6 x 2 accumulators, 2 weight vectors, 1 broadcast
 
-// Steps of 4 to OUTER_PANEL_ROWS rows: each group of NB_MAX weight rows is dequantised into an fp32 panel (in L1)
-// and the panel goes through the fp32 register-tiled product (4x3 dot products), so the widening is paid once per
-// weight, not once per row.
-template <bool Q4>
-void dot_panels(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* bp, float* yp,
-                        int64_t M, int64_t K, int64_t N) {
-  const int64_t groups = N / NB_MAX;
-  parallel_chunks(groups, 8, [&](int64_t begin, int64_t end) {
-    float* panel = scratch(0, NB_MAX * K);
-    for (int64_t g = begin; g < end; ++g) {
-      for (int j = 0; j < NB_MAX; ++j) dequantize_row<Q4>(wp + (NB_MAX * g + j) * row_bytes, panel + j * K, K);
-      rows<NB_MAX>(xp, panel, yp, bp, M, NB_MAX * g, K, N);
-    }
-  });
-  leftover_rows<Q4>(xp, wp, row_bytes, bp, yp, M, K, N, groups * NB_MAX);
-}
-
-// The 8 vectors r[0..8) as the rows of an 8x8 matrix, transposed in place (r[i] becomes column i).
-inline void transpose8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
-constexpr int64_t PANEL_COLUMNS = 16;   // weight rows per panel: two vectors of output columns
-constexpr int PANEL_ROWS = 6;           // rows of x per tile: 6 x 2 accumulators, 2 weight vectors, 1 broadcast
-
-// y[m0..m0+MR, n0..n0+16) = x rows times a panel [K][16] (16 weight rows, interleaved: panel[16k + j] is weight
-// row j at k) (+ bias). Outer products: each k broadcasts one value of each x row against two vectors of the
-// panel, so every load feeds 2 (x) or MR (panel) multiply-adds and no row needs a horizontal sum.
+// y[m0..m0+MR, 16 columns) (row stride ldy) = x rows times a panel [K][16] (+ bias). Outer products: each k
+// broadcasts one value of each x row against two vectors of the panel, so every load feeds 2 (x) or MR (panel)
+// multiply-adds and no row needs a horizontal sum.
 // Always inlined: GCC 12 compiles a tile that stays a function of its own with its accumulators stored to the stack
 // on every k (a test build with more kernels in this file did that to panel_tile<4> and <2>: 16-row products at
 // ~0.77x).
 template <int MR>
-__attribute__((always_inline)) inline void panel_tile(const float* x, const float* panel, float* y, const float* bias,
-                                                      int64_t m0, int64_t n0, int64_t K, int64_t N) {
+__attribute__((always_inline)) inline void panel_tile(const float* x, const float* panel, float* y, int64_t ldy,
+                                                      const float* bias, int64_t m0, int64_t K) {
   __m256 acc[MR][2];
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const float* row[MR];
   for (int m = 0; m < MR; ++m) row[m] = x + (m0 + m) * K;
   for (int64_t k = 0; k < K; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(panel + PANEL_COLUMNS * k), w1 = _mm256_loadu_ps(panel + PANEL_COLUMNS * k + 8);
+    const __m256 w0 = _mm256_loadu_ps(panel + PAIR_ROWS * k), w1 = _mm256_loadu_ps(panel + PAIR_ROWS * k + 8);
     for (int m = 0; m < MR; ++m) {
       const __m256 xv = _mm256_broadcast_ss(row[m] + k);
       acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
       acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
     }
   }
-  const __m256 b0 = bias ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
-  const __m256 b1 = bias ? _mm256_loadu_ps(bias + n0 + 8) : _mm256_setzero_ps();
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
   for (int m = 0; m < MR; ++m) {
-    _mm256_storeu_ps(y + (m0 + m) * N + n0, _mm256_add_ps(acc[m][0], b0));
-    _mm256_storeu_ps(y + (m0 + m) * N + n0 + 8, _mm256_add_ps(acc[m][1], b1));
+    _mm256_storeu_ps(y + (m0 + m) * ldy, _mm256_add_ps(acc[m][0], b0));
+    _mm256_storeu_ps(y + (m0 + m) * ldy + 8, _mm256_add_ps(acc[m][1], b1));
   }
 }
 
-// Steps of OUTER_PANEL_ROWS rows or more: each group of 16 weight rows is dequantised to exact fp32, transposed
-// into an interleaved panel [K][16], and every row of x goes through it in tiles of 6 rows (panel_tile). The 4x3
-// tiles of dot_panels read each row of x again for every 3 weight rows: at 64 rows that stream of x from L2 was
-// their limit, where here each x value feeds 16 weight rows. Below ~40 rows building the wider panel costs more
-// than it saves (SmolLM2 Q4_1 decode steps, 2 threads, interleaved A/B over 8 rounds, median step time against
-// dot_panels: 16 rows 1.19x, 32 rows 1.04x, 48 rows 0.93x, 64 rows 0.85x). The weight rows left over (N not a
-// multiple of 16) go through leftover_rows.
-constexpr int64_t OUTER_PANEL_ROWS = 40;
+// Rows of a step at which a pair's weights are dequantised once into an fp32 panel and every row goes through it
+// in tiles of 6 rows (panel_tile); below it each row reads the blocks itself (pair_rows), the widening paid once per
+// row. (SmolLM2's four layer matrices, 30 layers, panel/pair_rows time: 2 rows 1.77, 3 rows 1.24, 4 rows 1.00.)
+constexpr int64_t PANEL_STEP_ROWS = 4;
 
-template <bool Q4>
-void outer_panels(const float* xp, const uint8_t* wp, int64_t row_bytes, const float* bp, float* yp,
-                        int64_t M, int64_t K, int64_t N) {
-  const int64_t groups = N / PANEL_COLUMNS;
-  parallel_chunks(groups, 2, [&](int64_t begin, int64_t end) {
-    float* rows16 = scratch(0, PANEL_COLUMNS * K);
-    float* panel = scratch(1, PANEL_COLUMNS * K);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t n0 = PANEL_COLUMNS * g;
-      for (int64_t j = 0; j < PANEL_COLUMNS; ++j) dequantize_row<Q4>(wp + (n0 + j) * row_bytes, rows16 + j * K, K);
-      for (int64_t k0 = 0; k0 < K; k0 += 8)
-        for (int64_t half = 0; half < 2; ++half) {
-          __m256 r[8];
-          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows16 + (8 * half + i) * K + k0);
-          transpose8(r);
-          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k0 + i) * PANEL_COLUMNS + 8 * half, r[i]);
-        }
-      int64_t m0 = 0;
-      for (; m0 + PANEL_ROWS <= M; m0 += PANEL_ROWS) panel_tile<PANEL_ROWS>(xp, panel, yp, bp, m0, n0, K, N);
-      switch (M - m0) {
-        case 5: panel_tile<5>(xp, panel, yp, bp, m0, n0, K, N); break;
-        case 4: panel_tile<4>(xp, panel, yp, bp, m0, n0, K, N); break;
-        case 3: panel_tile<3>(xp, panel, yp, bp, m0, n0, K, N); break;
-        case 2: panel_tile<2>(xp, panel, yp, bp, m0, n0, K, N); break;
-        case 1: panel_tile<1>(xp, panel, yp, bp, m0, n0, K, N); break;
-        default: break;
-      }
-    }
-  });
-  leftover_rows<Q4>(xp, wp, row_bytes, bp, yp, M, K, N, groups * PANEL_COLUMNS);
-}
-
-// y[M, N] = x[M, K] W^T (+ bias), W repacked Q4_1 (Q4) or Q8_0 blocks, [N, K / 32 * block bytes].
+// y[M, N] = x[M, K] W^T (+ bias), W repacked Q4_1 (Q4) or Q8_0 groups.
 template <bool Q4>
 void linear_quant_into(const float* xp, const uint8_t* wp, const float* bp, float* yp, int64_t M, int64_t K,
                        int64_t N) {
-  const int64_t blocks = K / 32, row_bytes = blocks * block_bytes<Q4>();
-  if (M >= OUTER_PANEL_ROWS) return outer_panels<Q4>(xp, wp, row_bytes, bp, yp, M, K, N);
-  if (M >= 4) return dot_panels<Q4>(xp, wp, row_bytes, bp, yp, M, K, N);
-  std::vector<float> xsum(Q4 ? M * blocks : 0, 0.0f), scaled(Q4 ? M * K : 0);
+  const int64_t blocks = K / 32, group_bytes = blocks * group_block_bytes<Q4>();
+  const int64_t pairs = (N + PAIR_ROWS - 1) / PAIR_ROWS;
+  // The last pair may run past N (its zero rows): its columns go through a buffer of 16, copied out in part.
+  const auto columns = [&](int64_t g) { return std::min(PAIR_ROWS, N - PAIR_ROWS * g); };
+  if (M >= PANEL_STEP_ROWS) {
+    parallel_chunks(pairs, 2, [&](int64_t begin, int64_t end) {
+      float* panel = scratch(0, PAIR_ROWS * K);
+      for (int64_t g = begin; g < end; ++g) {
+        pack_group<Q4>(wp + 2 * g * group_bytes, panel, blocks);
+        pack_group<Q4>(wp + (2 * g + 1) * group_bytes, panel + 8, blocks);
+        const int64_t n0 = PAIR_ROWS * g, n = columns(g);
+        float bias16[PAIR_ROWS] = {};
+        if (bp != nullptr) std::copy(bp + n0, bp + n0 + n, bias16);
+        float* y = n == PAIR_ROWS ? yp + n0 : scratch(1, M * PAIR_ROWS);
+        const int64_t ldy = n == PAIR_ROWS ? N : PAIR_ROWS;
+        const float* bias = bp != nullptr ? bias16 : nullptr;
+        int64_t m0 = 0;
+        for (; m0 + PANEL_ROWS <= M; m0 += PANEL_ROWS) panel_tile<PANEL_ROWS>(xp, panel, y, ldy, bias, m0, K);
+        switch (M - m0) {
+          case 5: panel_tile<5>(xp, panel, y, ldy, bias, m0, K); break;
+          case 4: panel_tile<4>(xp, panel, y, ldy, bias, m0, K); break;
+          case 3: panel_tile<3>(xp, panel, y, ldy, bias, m0, K); break;
+          case 2: panel_tile<2>(xp, panel, y, ldy, bias, m0, K); break;
+          case 1: panel_tile<1>(xp, panel, y, ldy, bias, m0, K); break;
+          default: break;
+        }
+        if (n < PAIR_ROWS)
+          for (int64_t m = 0; m < M; ++m) std::copy(y + m * PAIR_ROWS, y + m * PAIR_ROWS + n, yp + m * N + n0);
+      }
+    });
+    return;
+  }
+  // Q4_1: x * 16^-s for nibble s (see nibble) and the block sums of x for the minimums.
+  std::vector<float> xsum(Q4 ? M * blocks : 0), scaled(Q4 ? M * K : 0);
   for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i) {
     __m256 s = _mm256_setzero_ps();
     for (int k = 0; k < 4; ++k) {
@@ -452,29 +383,47 @@ void linear_quant_into(const float* xp, const uint8_t* wp, const float* bp, floa
     }
     xsum[i] = sum8(s);
   }
-  const float* sp = xsum.data();
-  if (Q4) xp = scaled.data();   // x * 16^-k for nibble k: see block_values
-  // One row: four weight rows per tile (the widening is the work); two or three: two weight rows per tile.
-  if (M == 1)
-    quant_columns<Q4, 4, 1>(xp, wp, row_bytes, sp, bp, yp, M, K, N);
-  else
-    quant_columns<Q4, 2, 3>(xp, wp, row_bytes, sp, bp, yp, M, K, N);
+  const float* x = Q4 ? scaled.data() : xp;
+  parallel_chunks(pairs, 1, [&](int64_t begin, int64_t end) {
+    float out[3 * PAIR_ROWS];
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* g0 = wp + 2 * g * group_bytes;
+      const uint8_t* g1 = g0 + group_bytes;
+      const int64_t ahead = 2 * group_bytes;   // the next pair, this thread's next unless it is the chunk's last
+      switch (M) {
+        case 1: pair_rows<Q4, 1>(x, K, xsum.data(), g0, g1, blocks, ahead, out); break;
+        case 2: pair_rows<Q4, 2>(x, K, xsum.data(), g0, g1, blocks, ahead, out); break;
+        default: pair_rows<Q4, 3>(x, K, xsum.data(), g0, g1, blocks, ahead, out); break;
+      }
+      const int64_t n0 = PAIR_ROWS * g, n = columns(g);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < n; ++j) yp[m * N + n0 + j] = out[m * PAIR_ROWS + j] + (bp ? bp[n0 + j] : 0.0f);
+    }
+  });
+}
+
+// The repacked groups' shape for a [N, K] matrix: [pairs * 2, K / 32 * group block bytes].
+template <bool Q4>
+void check_groups(const torch::Tensor& weight, int64_t K, int64_t N) {
+  TORCH_CHECK(K > 0 && K % 32 == 0, "the input size must be a positive multiple of 32");
+  TORCH_CHECK(N > 0 && weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 &&
+                  weight.size(0) == (N + PAIR_ROWS - 1) / PAIR_ROWS * 2 && weight.size(1) == K / 32 * group_block_bytes<Q4>(),
+              "weight must be the repacked groups of an [N, K] matrix (uint8 [N rounded up to 16 / 8, K / 32 * group bytes])");
 }
 
 template <bool Q4>
-torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, c10::optional<torch::Tensor> bias) {
+torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, int64_t N,
+                           c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) == K, "x must be [M, K] float32");
-  TORCH_CHECK(K % 32 == 0, "the input size must be a multiple of 32");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kUInt8 &&
-                  weight.size(1) == K / 32 * block_bytes<Q4>(),
-              "weight must be [N, K / 32 * block bytes] uint8");
+  check_groups<Q4>(weight, K, N);
   x = x.contiguous();
   weight = weight.contiguous();
-  const int64_t M = x.size(0), N = weight.size(0);
+  const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, x.options());
   const torch::Tensor b = float_bias(bias);
+  TORCH_CHECK(!b.defined() || b.numel() == N, "the bias must have N values");
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  linear_quant_into<Q4>(x.data_ptr<float>(), weight.data_ptr<uint8_t>(), bp, y.data_ptr<float>(), M, K, N);
+  if (M > 0) linear_quant_into<Q4>(x.data_ptr<float>(), weight.data_ptr<uint8_t>(), bp, y.data_ptr<float>(), M, K, N);
   return y;
 }
 
@@ -488,14 +437,17 @@ torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, c10
 // over each sequence's cached context (slots listed per row), SiLU-gated MLP, residuals.
 namespace {
 
-// y = x w^T (+ b) with whichever compact weight format w holds (bf16, Q4_1 or Q8_0 blocks).
-void linear_into(const float* x, const torch::Tensor& w, const float* bias, float* y, int64_t M, int64_t K) {
-  const int64_t N = w.size(0);
+// y = x w^T (+ b) with whichever compact weight format w holds (bf16, or Q4_1 or Q8_0 groups), w being [N, K].
+void linear_into(const float* x, const torch::Tensor& w, const float* bias, float* y, int64_t M, int64_t K,
+                 int64_t N) {
   if (w.scalar_type() == torch::kBFloat16) {
+    TORCH_CHECK(w.size(0) == N && w.size(1) == K, "a bf16 weight of the wrong shape");
     linear_bf16_into(x, reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), bias, y, M, K, N);
-  } else if (w.size(1) == K / 32 * block_bytes<true>()) {
+  } else if (w.size(1) == K / 32 * group_block_bytes<true>()) {
+    check_groups<true>(w, K, N);
     linear_quant_into<true>(x, w.data_ptr<uint8_t>(), bias, y, M, K, N);
   } else {
+    check_groups<false>(w, K, N);
     linear_quant_into<false>(x, w.data_ptr<uint8_t>(), bias, y, M, K, N);
   }
 }
@@ -669,7 +621,8 @@ void attention_output(const float* p, float weight, const float* values, const i
 // ids [B] (each row's token), embed [V, H] (the embedding table), positions [B] (each row's position: its row of
 // the rotary tables cos/sin [P, D]), slots [B] (where each row's new key/value goes), context [B, L] with lengths
 // [B] (the cache slots each row attends, its own new slot included), k_cache/v_cache per layer [Hkv, S, D] fp32,
-// weights per layer: input norm, qkv, qkv bias (or an empty tensor), o, post norm, gate_up, down; final_norm [H].
+// weights per layer: input norm, qkv, qkv bias (or an empty tensor), o, post norm, gate_up, down (each compact
+// matrix as linear_into reads it; intermediate_size: the MLP's); final_norm [H].
 // Returns the rows after the last layer and the final norm [B, H], ready for the LM head. The embedding lookup, the
 // rotary rows and the final norm are here, not torch ops around the call: after the step has streamed the weights
 // through the caches each torch op costs tens of microseconds (its code and data cold), ~0.5 ms a batch-1 step.
@@ -677,7 +630,8 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
                             torch::Tensor sin, torch::Tensor slots, torch::Tensor context, torch::Tensor lengths,
                             std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache,
                             std::vector<torch::Tensor> weights, torch::Tensor final_norm, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, double eps, double scaling) {
+                            int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size, double eps,
+                            double scaling) {
   const int64_t B = ids.size(0), H = embed.size(1), D = head_dim, L = context.size(1);
   const int64_t layers = static_cast<int64_t>(k_cache.size());
   TORCH_CHECK(embed.scalar_type() == torch::kFloat32 && embed.is_contiguous() && D % 8 == 0,
@@ -707,7 +661,7 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
   lengths = lengths.contiguous();
   const int64_t q_size = num_heads * D, kv_size = num_kv_heads * D, qkv_size = q_size + 2 * kv_size;
   const int64_t groups = num_heads / num_kv_heads;
-  const int64_t inter = layers > 0 ? weights[5].size(0) / 2 : 0;
+  const int64_t inter = intermediate_size;
   std::vector<float> normed(B * H), qkv(B * qkv_size), attn(B * q_size), proj(B * H), gate_up(B * 2 * inter),
       act(B * inter);
   float* xp = x.data_ptr<float>();
@@ -730,7 +684,7 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
     float* vc = v_cache[layer].data_ptr<float>();
     const int64_t S = k_cache[layer].size(1);
     add_norm(layer == 0 ? nullptr : proj.data(), w[0].data_ptr<float>(), normed.data());
-    linear_into(normed.data(), w[1], w[2].numel() ? w[2].data_ptr<float>() : nullptr, qkv.data(), B, H);
+    linear_into(normed.data(), w[1], w[2].numel() ? w[2].data_ptr<float>() : nullptr, qkv.data(), B, H, qkv_size);
     // Rows write distinct cache slots and read nothing of each other here, so they may go in any order.
     each_row(B, [&](int64_t b) {
       float* row = qkv.data() + b * qkv_size;
@@ -754,13 +708,13 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
         attention_output(scores, inverse, values, ctx + b * L, n, D, attn.data() + b * q_size + h * D);
       }
     });
-    linear_into(attn.data(), w[3], nullptr, proj.data(), B, q_size);
+    linear_into(attn.data(), w[3], nullptr, proj.data(), B, q_size, H);
     add_norm(proj.data(), w[4].data_ptr<float>(), normed.data());
-    linear_into(normed.data(), w[5], nullptr, gate_up.data(), B, H);
+    linear_into(normed.data(), w[5], nullptr, gate_up.data(), B, H, 2 * inter);
     each_row(B, [&](int64_t b) {
       silu_mul(gate_up.data() + b * 2 * inter, gate_up.data() + b * 2 * inter + inter, act.data() + b * inter, inter);
     });
-    linear_into(act.data(), w[6], nullptr, proj.data(), B, inter);
+    linear_into(act.data(), w[6], nullptr, proj.data(), B, inter, H);
   }
   auto out = torch::empty_like(x);
   add_norm(layers == 0 ? nullptr : proj.data(), final_norm.data_ptr<float>(), out.data_ptr<float>());
@@ -771,9 +725,9 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.def("linear_bf16", &linear_bf16, "y = x W^T + b, fp32 x, bf16 W, fp32 accumulation (AVX2)", no_gil);
-  m.def("linear_q4_1", &linear_quant<true>, "y = x W^T + b, W in GGUF Q4_1 blocks, fp32 x and accumulation",
+  m.def("linear_q4_1", &linear_quant<true>, "y = x W^T + b, W [N, K] in GGUF Q4_1 blocks (repacked groups), fp32 x and accumulation",
         no_gil);
-  m.def("linear_q8_0", &linear_quant<false>, "y = x W^T + b, W in GGUF Q8_0 blocks, fp32 x and accumulation",
+  m.def("linear_q8_0", &linear_quant<false>, "y = x W^T + b, W [N, K] in GGUF Q8_0 blocks (repacked groups), fp32 x and accumulation",
         no_gil);
   m.def("decode_layers", &decode_layers, "a Llama-family decode step from the embeddings to the final norm (B rows, one token each)",
         no_gil);

@@ -60,23 +60,36 @@ class GGUFBlocks:
         return kind, torch.from_numpy(repack(kind, blocks[order]))
 
 
+PAIR_ROWS = 16   # the kernels' unit: two groups of 8 rows
+
+
 def repack(kind: str, blocks: np.ndarray) -> np.ndarray:
     """GGUF rows of Q4_1 / Q8_0 blocks ([N, row bytes] uint8) in the layout cpu_kernels.cpp reads (described there):
-    per row the quants of every block, then the blocks' fp16 scales (then Q4_1's fp16 minimums); Q4_1's nibbles
-    reordered so that nibble k of 16-bit lane l is weight 8k + l. Same size, same values."""
+    groups of 8 rows, per block the 8 rows' quants side by side (Q4_1: quad t of a row = its weights t, t + 8,
+    t + 16, t + 24 in nibbles 0-3; Q8_0: position k), then their fp16 scales (then Q4_1's fp16 minimums); zero rows
+    up to a multiple of 16. [N rounded up to 16 / 8, K / 32 * 8 * block bytes]: the same values, the same bytes
+    per row."""
     rows = blocks.shape[0]
     block_bytes = 20 if kind == "Q4_1" else 34
-    per_block = np.ascontiguousarray(blocks).reshape(rows, -1, block_bytes)
+    padded = -(-rows // PAIR_ROWS) * PAIR_ROWS
+    per_block = np.zeros((padded, blocks.shape[1] // block_bytes, block_bytes), np.uint8)
+    per_block[:rows] = np.ascontiguousarray(blocks).reshape(rows, -1, block_bytes)
     count = per_block.shape[1]
     if kind == "Q8_0":
-        parts = [per_block[:, :, 2:], per_block[:, :, :2]]
+        parts = [per_block[:, :, 2:].reshape(padded, count, 32, 1), per_block[:, :, :2].reshape(padded, count, 1, 2)]
     else:
         nibbles = per_block[:, :, 4:]   # byte j: weight j in the low nibble, weight j + 16 in the high one
         weights = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=2).astype(np.uint16)
-        by_nibble = weights.reshape(rows, count, 4, 8)   # [.., k, l] = weight 8k + l
-        lanes = by_nibble[:, :, 0] | by_nibble[:, :, 1] << 4 | by_nibble[:, :, 2] << 8 | by_nibble[:, :, 3] << 12
-        parts = [lanes.astype("<u2").view(np.uint8), per_block[:, :, :2], per_block[:, :, 2:4]]
-    return np.ascontiguousarray(np.concatenate([part.reshape(rows, -1) for part in parts], axis=1))
+        by_nibble = weights.reshape(padded, count, 4, 8)   # [.., s, t] = weight 8s + t
+        quads = by_nibble[:, :, 0] | by_nibble[:, :, 1] << 4 | by_nibble[:, :, 2] << 8 | by_nibble[:, :, 3] << 12
+        parts = [quads.astype("<u2").view(np.uint8).reshape(padded, count, 8, 2),
+                 per_block[:, :, :2].reshape(padded, count, 1, 2), per_block[:, :, 2:4].reshape(padded, count, 1, 2)]
+    grouped = []
+    for part in parts:   # [row, block, unit, bytes] -> [group, block, unit, row in group, bytes]
+        units, size = part.shape[2:]
+        part = part.reshape(padded // 8, 8, count, units, size)
+        grouped.append(part.transpose(0, 2, 3, 1, 4).reshape(padded // 8, count, -1))
+    return np.ascontiguousarray(np.concatenate(grouped, axis=2).reshape(padded // 8, -1))
 
 
 def give_blocks(linear, blocks: GGUFBlocks | None, kernels, names: list[str], weight: torch.Tensor) -> bool:

@@ -30,7 +30,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compact: bool = False) -> None:
         self.bias = bias
         self.weight = weight
-        self.in_features = weight.shape[1]
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.fp32_bytes = weight.numel() * weight.element_size()
         self.packed = None
         if onednn_available(weight):
@@ -79,7 +79,7 @@ class Linear:
         weights = self.weights_for(x.shape[0])
         if weights == "blocks":
             kernel, blocks, in_features = self.blocks
-            return kernel(x, blocks, in_features, self.bias)
+            return kernel(x, blocks, in_features, self.out_features, self.bias)
         if weights == "bf16":
             if self.kernels is not None:
                 return self.kernels.linear_bf16(x, self.bf16[0], self.bias)

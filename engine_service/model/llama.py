@@ -217,7 +217,8 @@ class FastLlama:
         rows = self.decode_kernels.decode_layers(
             input_ids, self.embed, positions, cos, sin, step.slot_mapping, step.decode_slots, step.decode_lengths,
             step.k_cache[:layers], step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
-            self.final_norm, self.num_heads, self.num_kv_heads, self.head_dim, self.eps, self.scaling)
+            self.final_norm, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.layers[0].down.in_features if self.layers else 0, self.eps, self.scaling)
         # keep lists rows in order: as many as the step has means every row (the usual case: no index_select).
         return rows if keep.shape[0] == rows.shape[0] else rows.index_select(0, keep)
 

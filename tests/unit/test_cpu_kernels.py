@@ -38,17 +38,17 @@ def kernels():
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 41, 64])
 def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
     rng = np.random.default_rng(rows)
-    weight = rng.standard_normal((37, 96)).astype(np.float32)   # N not a multiple of the kernel's 4-row groups
+    weight = rng.standard_normal((37, 96)).astype(np.float32)   # N not a multiple of the kernels' 16-row pairs
     blocks = quants.quantize(weight, KINDS[kind])
     dense = torch.from_numpy(quants.dequantize(blocks, KINDS[kind]).astype(np.float64))
     x = torch.randn(rows, 96)
     bias = torch.randn(37)
     kernel = getattr(kernels, gguf_weights.KERNELS[kind])
     blocks = gguf_weights.repack(kind, blocks)
-    got = kernel(x, torch.from_numpy(blocks), 96, bias)
+    got = kernel(x, torch.from_numpy(blocks), 96, 37, bias)
     expected = x.double() @ dense.T + bias.double()
     torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(kernel(x, torch.from_numpy(blocks), 96, None).double(), x.double() @ dense.T,
+    torch.testing.assert_close(kernel(x, torch.from_numpy(blocks), 96, 37, None).double(), x.double() @ dense.T,
                                atol=1e-4, rtol=1e-5)
 
 
@@ -133,7 +133,7 @@ def test_decode_kernel_refuses_ids_and_positions_out_of_range(kernels):
     def run(ids: list[int], positions: list[int]) -> torch.Tensor:
         return kernels.decode_layers(torch.tensor(ids), embed, torch.tensor(positions), table, table,
                                      torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                                     torch.ones(1, dtype=torch.long), [], [], [], norm, 2, 1, 8, 1e-5, 0.35)
+                                     torch.ones(1, dtype=torch.long), [], [], [], norm, 2, 1, 8, 0, 1e-5, 0.35)
 
     row = embed[3:4]
     torch.testing.assert_close(run([3], [2]), norm * (row * torch.rsqrt(row.pow(2).mean(-1, keepdim=True) + 1e-5)))
