@@ -32,16 +32,21 @@ void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
     return;
   }
   // Share t holds chunks [front, back), packed as front << 32 | back: its owner takes the front, the others the back.
-  std::vector<std::atomic<uint64_t>> shares(threads);
+  // Each share on a cache line of its own: an owner taking its next chunk writes a line already in its cache, where
+  // shares side by side moved the line between the threads at every take (batch-1 layer products 0.97-0.98x).
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range;
+  };
+  std::vector<Share> shares(threads);
   for (int64_t t = 0; t < threads; ++t)
-    shares[t] = static_cast<uint64_t>(chunks * t / threads) << 32 | static_cast<uint64_t>(chunks * (t + 1) / threads);
+    shares[t].range = static_cast<uint64_t>(chunks * t / threads) << 32 | static_cast<uint64_t>(chunks * (t + 1) / threads);
   const auto take = [&](int64_t t, bool front) -> int64_t {
-    uint64_t range = shares[t].load();
+    uint64_t range = shares[t].range.load();
     while (true) {
       const uint64_t first = range >> 32, last = range & 0xFFFFFFFFu;
       if (first >= last) return -1;
       const uint64_t rest = front ? (first + 1) << 32 | last : first << 32 | (last - 1);
-      if (shares[t].compare_exchange_weak(range, rest)) return static_cast<int64_t>(front ? first : last - 1);
+      if (shares[t].range.compare_exchange_weak(range, rest)) return static_cast<int64_t>(front ? first : last - 1);
     }
   };
   // One call per thread (grain 1); nested in another parallel region it is one call for all: still every chunk.
@@ -81,15 +86,9 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-inline __m256 load_weights(const uint16_t* p) { return load_bf16(p); }
-inline __m256 load_weights(const float* p) { return _mm256_loadu_ps(p); }
-inline float weight_value(uint16_t h) { return bf16_to_float(h); }
-inline float weight_value(float f) { return f; }
-
-// Rows m0..m0+MB of x against the NB weight rows at w (row stride K), into output columns n0..n0+NB. The weights
-// are bf16 (widened in registers) or fp32 (GGUF blocks dequantised just before, see dot_panels).
-template <int MB, int NB, class W>
-inline void block(const float* x, const W* w, float* y, const float* bias, int64_t m0, int64_t n0, int64_t K,
+// Rows m0..m0+MB of x against the NB bf16 weight rows at w (row stride K), into output columns n0..n0+NB.
+template <int MB, int NB>
+inline void block(const float* x, const uint16_t* w, float* y, const float* bias, int64_t m0, int64_t n0, int64_t K,
                   int64_t N) {
   __m256 acc[MB][NB];
   for (int m = 0; m < MB; ++m)
@@ -97,7 +96,7 @@ inline void block(const float* x, const W* w, float* y, const float* bias, int64
   const int64_t k_vec = K / 8 * 8;
   for (int64_t k = 0; k < k_vec; k += 8) {
     __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = load_weights(w + j * K + k);
+    for (int j = 0; j < NB; ++j) wv[j] = load_bf16(w + j * K + k);
     for (int m = 0; m < MB; ++m) {
       __m256 xv = _mm256_loadu_ps(x + (m0 + m) * K + k);
       for (int j = 0; j < NB; ++j) acc[m][j] = _mm256_fmadd_ps(xv, wv[j], acc[m][j]);
@@ -106,15 +105,15 @@ inline void block(const float* x, const W* w, float* y, const float* bias, int64
   for (int m = 0; m < MB; ++m) {
     for (int j = 0; j < NB; ++j) {
       float total = sum8(acc[m][j]);
-      for (int64_t k = k_vec; k < K; ++k) total += x[(m0 + m) * K + k] * weight_value(w[j * K + k]);
+      for (int64_t k = k_vec; k < K; ++k) total += x[(m0 + m) * K + k] * bf16_to_float(w[j * K + k]);
       if (bias != nullptr) total += bias[n0 + j];
       y[(m0 + m) * N + n0 + j] = total;
     }
   }
 }
 
-template <int NB, class W>
-inline void rows(const float* x, const W* w, float* y, const float* bias, int64_t M, int64_t n0, int64_t K,
+template <int NB>
+inline void rows(const float* x, const uint16_t* w, float* y, const float* bias, int64_t M, int64_t n0, int64_t K,
                  int64_t N) {
   int64_t m0 = 0;
   for (; m0 + MB_MAX <= M; m0 += MB_MAX) block<MB_MAX, NB>(x, w, y, bias, m0, n0, K, N);
@@ -331,10 +330,12 @@ __attribute__((always_inline)) inline void panel_tile(const float* x, const floa
   }
 }
 
-// Rows of a step at which a pair's weights are dequantised once into an fp32 panel and every row goes through it
-// in tiles of 6 rows (panel_tile); below it each row reads the blocks itself (pair_rows), the widening paid once per
-// row. (SmolLM2's four layer matrices, 30 layers, panel/pair_rows time: 2 rows 1.77, 3 rows 1.24, 4 rows 1.00.)
-constexpr int64_t PANEL_STEP_ROWS = 4;
+// Rows of a step from which a pair's weights are dequantised once into an fp32 panel and every row goes through it
+// in tiles of 6 rows (panel_tile); below it the rows read the blocks themselves, 3 at a time (pair_rows), the
+// widening paid once per 3 rows. SmolLM2 decode steps (the layers and the LM head, replayed in one process with the
+// layout before 2026-12-07 in alternating blocks; new/old time): rows of 3 against panels at 4 rows 0.77 / 0.92, at
+// 8 rows 0.73-0.83 / 0.98, at 12 rows 0.87-0.90 / 0.89-0.91, at 16 rows 1.01 / 0.89-0.90.
+constexpr int64_t PANEL_STEP_ROWS = 13;
 
 // y[M, N] = x[M, K] W^T (+ bias), W repacked Q4_1 (Q4) or Q8_0 groups.
 template <bool Q4>
@@ -390,14 +391,21 @@ void linear_quant_into(const float* xp, const uint8_t* wp, const float* bp, floa
       const uint8_t* g0 = wp + 2 * g * group_bytes;
       const uint8_t* g1 = g0 + group_bytes;
       const int64_t ahead = 2 * group_bytes;   // the next pair, this thread's next unless it is the chunk's last
-      switch (M) {
-        case 1: pair_rows<Q4, 1>(x, K, xsum.data(), g0, g1, blocks, ahead, out); break;
-        case 2: pair_rows<Q4, 2>(x, K, xsum.data(), g0, g1, blocks, ahead, out); break;
-        default: pair_rows<Q4, 3>(x, K, xsum.data(), g0, g1, blocks, ahead, out); break;
-      }
       const int64_t n0 = PAIR_ROWS * g, n = columns(g);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t j = 0; j < n; ++j) yp[m * N + n0 + j] = out[m * PAIR_ROWS + j] + (bp ? bp[n0 + j] : 0.0f);
+      // Up to 3 rows of x at a time (4 as 2 + 2); after the first, the pair's blocks come from L1.
+      for (int64_t m0 = 0, rows = 0; m0 < M; m0 += rows) {
+        rows = M - m0 == 4 ? 2 : std::min<int64_t>(3, M - m0);
+        const float* xr = x + m0 * K;
+        const float* sr = xsum.data() + (Q4 ? m0 * blocks : 0);
+        switch (rows) {
+          case 1: pair_rows<Q4, 1>(xr, K, sr, g0, g1, blocks, ahead, out); break;
+          case 2: pair_rows<Q4, 2>(xr, K, sr, g0, g1, blocks, ahead, out); break;
+          default: pair_rows<Q4, 3>(xr, K, sr, g0, g1, blocks, ahead, out); break;
+        }
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t j = 0; j < n; ++j)
+            yp[(m0 + m) * N + n0 + j] = out[m * PAIR_ROWS + j] + (bp ? bp[n0 + j] : 0.0f);
+      }
     }
   });
 }

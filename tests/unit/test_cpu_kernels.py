@@ -35,7 +35,7 @@ def kernels():
 
 @needs_kernels
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16, 41, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 12, 13, 16, 41, 64])
 def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
     rng = np.random.default_rng(rows)
     weight = rng.standard_normal((37, 96)).astype(np.float32)   # N not a multiple of the kernels' 16-row pairs
@@ -224,11 +224,11 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
     assert down.bf16 is None   # the blocks replace the bf16 copy
     assert [down.bytes_read(rows) for rows in (1, 3, COMPACT_ROWS, COMPACT_ROWS + 1)] == [down.blocks[1].nbytes] * 3 + [
         down.fp32_bytes]
-    # Steps of 1, 2 (the per-row tiles) and 5 rows (dequantised panels) read the blocks, in one kernel call and on
-    # the eager path alike.
+    # Steps of 1, 2, 5 (rows reading the blocks, up to 3 at a time) and 13 rows (dequantised panels) read the
+    # blocks, in one kernel call and on the eager path alike.
     texts = ("The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3,", "Bonjour")
-    for batch in (1, 2, 5):
-        prompts = [tokenizer(text).input_ids for text in texts[:batch]]
+    for batch in (1, 2, 5, 13):
+        prompts = [tokenizer(texts[i % len(texts)]).input_ids + [i] for i in range(batch)]
         kernel_logits, eager_logits = _decode_logits_both_ways(runner, _decode_ready_engine(runner, prompts))
         torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
     # The same weights as the fp32 model: greedy output equals transformers' on the dequantised model.
