@@ -6,10 +6,11 @@ compact weights serve steps of at most `COMPACT_ROWS` rows (decode steps): a sma
 weights, and compact weights are fewer bytes. A GGUF-sourced model's own blocks (`use_blocks`: Q4_1 / Q8_0, the
 exact weights at 0.6-1.1 bytes each) serve every such step; other models read a bf16 copy (half the bytes). On
 AVX2 CPUs our own kernels (cpu_kernels.cpp) widen either to fp32 in registers and accumulate in fp32 with fp32
-activations: from 4 rows on they run at the fp32 FMA rate (as fast as oneDNN's fp32 product up to 64 rows,
-measured on the CI machine), below it they are bound by reading the weights. Without the kernels, torch's
-bf16 matmul serves 1-2 rows; it is never used for larger steps, far slower in bf16 on CPUs without bf16
-instructions.
+activations: from 13 rows on they run near the fp32 FMA rate (as fast as oneDNN's fp32 product up to 64 rows,
+measured on the CI machine); below it the widening is as much of the work as the multiply-adds (on the CI
+machine a batch-1 product over GGUF blocks held in L2 ran no faster than over blocks streamed from memory).
+Without the kernels, torch's bf16 matmul serves 1-2 rows; it is never used for larger steps, far slower in bf16
+on CPUs without bf16 instructions.
 """
 from __future__ import annotations
 
