@@ -4,7 +4,9 @@ On CPUs, fp32 weights are repacked once into oneDNN's blocked layout: at the row
 twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes). Optionally
 compact weights serve steps of at most `COMPACT_ROWS` rows (decode steps): a small step is bound by reading the
 weights, and compact weights are fewer bytes. A GGUF-sourced model's own blocks (`use_blocks`: Q4_1 / Q8_0, the
-exact weights at 0.6-1.1 bytes each) serve every such step; other models read a bf16 copy (half the bytes). On
+exact weights at 0.6-1.1 bytes each) serve every step, prefills too (from 64 to 2,048 rows our kernel's panels
+took 0.82-0.93x oneDNN's time over the fp32 weights, SmolLM2's layer shapes on the CI machine, 2026-12-07); other
+models read a bf16 copy (half the bytes) for steps of up to `COMPACT_ROWS` rows. On
 AVX2 CPUs our own kernels (cpu_kernels.cpp) widen either to fp32 in registers and accumulate in fp32 with fp32
 activations: from 13 rows on they run near the fp32 FMA rate (as fast as oneDNN's fp32 product up to 64 rows,
 measured on the CI machine); below it the widening is as much of the work as the multiply-adds (on the CI
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from engine_service.model import cpu_kernels, gpu_gemv
 
-COMPACT_ROWS = 64      # rows served by compact weights with our kernels
+COMPACT_ROWS = 64      # rows served by a bf16 copy with our kernels (GGUF blocks serve every step)
 BF16_TORCH_ROWS = 2    # rows served by the bf16 copy with torch's bf16 matmul (no kernel)
 
 
@@ -59,7 +61,7 @@ class Linear:
 
     def weights_for(self, rows: int) -> str:
         """Which weights a step of `rows` rows reads: "blocks", "bf16" or "fp32" (__call__ and bytes_read)."""
-        if self.blocks is not None and rows <= COMPACT_ROWS:
+        if self.blocks is not None:
             return "blocks"
         if self.bf16 is not None and rows <= self.bf16_rows:
             return "bf16"

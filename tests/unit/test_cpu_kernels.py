@@ -215,15 +215,14 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
     fast = runner.fast
     assert fast.lm_head.blocks is not None
     assert all(linear.blocks is not None for w in fast.layers for linear in (w.qkv, w.o, w.gate_up, w.down))
-    # The bench's roofline: a decode step reads exactly the file's blocks (and the norms), at every size up to
-    # COMPACT_ROWS; a larger step (a prefill) the fp32 weights.
+    # The bench's roofline: a decode step reads exactly the file's blocks (and the norms), at every size; so does a
+    # prefill.
     gguf_file = gguf_weights.source_of(str(quantized_tiny_dir))
     norms = sum(w.input_norm.nbytes + w.post_norm.nbytes for w in fast.layers) + fast.final_norm.nbytes
     assert roofline.cost_of(runner).weight_bytes == sum(t.data.nbytes for t in GGUFReader(gguf_file).tensors) + norms
     down = fast.layers[0].down
     assert down.bf16 is None   # the blocks replace the bf16 copy
-    assert [down.bytes_read(rows) for rows in (1, 3, COMPACT_ROWS, COMPACT_ROWS + 1)] == [down.blocks[1].nbytes] * 3 + [
-        down.fp32_bytes]
+    assert [down.bytes_read(rows) for rows in (1, 3, COMPACT_ROWS, COMPACT_ROWS + 1, 2048)] == [down.blocks[1].nbytes] * 5
     # Steps of 1, 2, 5 (rows reading the blocks, up to 3 at a time) and 13 rows (dequantised panels) read the
     # blocks, in one kernel call and on the eager path alike.
     texts = ("The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3,", "Bonjour")
