@@ -1,9 +1,9 @@
-"""Decode-step weights read from the GGUF file a model was converted from, in its own block formats.
+"""The weights our kernels read from the GGUF file a model was converted from, in its own block formats.
 
 A model served from a GGUF file (SmolLM2 by default) *is* the dequantisation of that file's Q4_1 / Q8_0 blocks:
-the fp32 weights transformers builds are exactly d * q + m. A decode step is bound by reading the weights, and the
-blocks are 3-4x fewer bytes than bf16, so our kernel (cpu_kernels.cpp) reads them, repacked once into the layout
-it reads fastest (`repack`, the same bytes per row): the same weight values, not a lower precision. Each matrix is
+the fp32 weights transformers builds are exactly d * q + m. The blocks are 3-4x fewer bytes than bf16, so our
+kernels (cpu_kernels.cpp) read them at every step, repacked once into the layout they read fastest (`repack`:
+groups of 8 rows side by side, the same bytes per row): the same weight values, not a lower precision. Each matrix is
 checked row by row against the loaded fp32 weights (bit for bit) before it is used; any mismatch (another
 conversion, a layout we do not know) leaves that matrix on the other paths.
 """
