@@ -1,7 +1,8 @@
 """y = x W^T + b with the fastest kernel this device has for the step's shape.
 
 On CPUs, fp32 weights are repacked once into oneDNN's blocked layout: at the rows of a prefill it runs about
-twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes). Optionally
+twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes); a matrix served
+from GGUF blocks keeps no fp32 copy. Optionally
 compact weights serve steps of at most `COMPACT_ROWS` rows (decode steps): a small step is bound by reading the
 weights, and compact weights are fewer bytes. A GGUF-sourced model's own blocks (`use_blocks`: Q4_1 / Q8_0, the
 exact weights at 0.6-1.1 bytes each) serve every step, prefills too (from 64 to 2,048 rows our kernel's panels
@@ -50,10 +51,13 @@ class Linear:
             self.bf16_rows = COMPACT_ROWS if self.kernels is not None else BF16_TORCH_ROWS
 
     def use_blocks(self, kernel, blocks: torch.Tensor, in_features: int) -> None:
-        """Decode steps read the weights in a GGUF block format (same values as the fp32 weights) with kernel;
-        the bf16 copy they replace is dropped."""
+        """Every step reads the weights in a GGUF block format (the same values as the fp32 weights) with kernel;
+        the bf16 and fp32 copies they replace are dropped: the blocks are the only copy (SmolLM2: 96 MB of blocks,
+        where the packed fp32 copy, read by no step since the blocks serve prefills too, was another 538 MB)."""
         self.blocks = (kernel, blocks, in_features)
         self.bf16 = None
+        self.packed = None
+        self.weight = None
 
     def compact(self) -> torch.Tensor:
         """The weights our kernels read for a decode step: GGUF blocks where there are some, else bf16."""
@@ -90,7 +94,8 @@ class Linear:
         return self.fp32(x)
 
     def fp32(self, x: torch.Tensor) -> torch.Tensor:
-        """The product over the fp32 weights (oneDNN's packed copy where there is one): a prefill's path."""
+        """The product over the fp32 weights (oneDNN's packed copy where there is one): a prefill's path (never
+        taken by a matrix served from blocks, which holds no fp32 copy)."""
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 from bench import roofline
 from engine_service.model import cpu_kernels, gguf_weights
 from engine_service.model.linear import COMPACT_ROWS
+from engine_service.model.llama import LINEAR_NAMES
 from engine_service.engine import Engine
 from engine_service.model_runner import ModelRunner
 from engine_service.sampling import SamplingParams
@@ -222,6 +223,9 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
     assert roofline.cost_of(runner).weight_bytes == sum(t.data.nbytes for t in GGUFReader(gguf_file).tensors) + norms
     down = fast.layers[0].down
     assert down.bf16 is None   # the blocks replace the bf16 copy
+    # ... and the fp32 one: the blocks are the only copy of each matrix they serve.
+    assert all(linear.packed is None and linear.weight is None
+               for linear in [fast.lm_head] + [getattr(w, name) for w in fast.layers for name in LINEAR_NAMES])
     assert [down.bytes_read(rows) for rows in (1, 3, COMPACT_ROWS, COMPACT_ROWS + 1, 2048)] == [down.blocks[1].nbytes] * 5
     # Steps of 1, 2, 5 (rows reading the blocks, up to 3 at a time) and 13 rows (dequantised panels) read the
     # blocks, in one kernel call and on the eager path alike.
