@@ -151,8 +151,8 @@ def measure(model_path: str) -> Limits:
             sizes = [linear.in_features for linear in linears]
             if onednn_available(runner.fast.embed):   # oneDNN's fp32 product over packed weights of these shapes
                 # (random values: they do not change the rate; a GGUF-sourced model keeps no fp32 copy to pack)
-                packed = [Linear(torch.randn(linear.out_features, linear.in_features)) for linear in linears]
-                rates["onednn_fp32_64_rows"] = _gflops([linear.fp32 for linear in packed], sizes, 64)
+                fp32_linears = [Linear(torch.randn(linear.out_features, linear.in_features)) for linear in linears]
+                rates["onednn_fp32_64_rows"] = _gflops([linear.fp32 for linear in fp32_linears], sizes, 64)
             if w.gate_up.kernels is not None:   # a decode step's: our kernel over the compact weights
                 rates[f"engine_compact_kernel_{COMPACT_ROWS}_rows"] = _gflops(linears, sizes, COMPACT_ROWS)
         else:   # transformers' forward: its first layer's MLP through torch's fp32 matmul
