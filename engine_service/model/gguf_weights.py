@@ -92,17 +92,17 @@ def repack(kind: str, blocks: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(grouped, axis=2).reshape(padded // 8, -1))
 
 
-def give_blocks(linear, blocks: GGUFBlocks | None, kernels, names: list[str], weight: torch.Tensor) -> bool:
-    """Lets `linear` (y = x weight^T) read the named GGUF tensors' blocks when they are exactly `weight`."""
+def blocks_for(blocks: GGUFBlocks | None, kernels, names: list[str], weight: torch.Tensor) -> tuple | None:
+    """(kernel, repacked blocks) of the named GGUF tensors for a Linear (y = x weight^T) when they are exactly
+    `weight`, else None (the matrix keeps the other paths)."""
     if blocks is None or kernels is None:
-        return False
+        return None
     found = blocks.matching(names, weight)
     if found is None:
         log.info("GGUF blocks do not match; this matrix keeps the other paths %s", kv(tensors=",".join(names)))
-        return False
+        return None
     kind, data = found
-    linear.use_blocks(getattr(kernels, KERNELS[kind]), data, weight.shape[1])
-    return True
+    return getattr(kernels, KERNELS[kind]), data
 
 
 def layer_tensor_names(index: int) -> dict[str, list[str]]:

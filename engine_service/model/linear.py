@@ -4,7 +4,7 @@ On CPUs, fp32 weights are repacked once into oneDNN's blocked layout: at the row
 twice as fast as the default BLAS call (measured on the 2-core AVX2 CI machine, SmolLM2 shapes); a matrix served
 from GGUF blocks keeps no fp32 copy. Optionally
 compact weights serve steps of at most `COMPACT_ROWS` rows (decode steps): a small step is bound by reading the
-weights, and compact weights are fewer bytes. A GGUF-sourced model's own blocks (`use_blocks`: Q4_1 / Q8_0, the
+weights, and compact weights are fewer bytes. A GGUF-sourced model's own blocks (`blocks`: Q4_1 / Q8_0, the
 exact weights at 0.6-1.1 bytes each) serve every step, prefills too (from 64 to 2,048 rows our kernel's panels
 took 0.82-0.93x oneDNN's time over the fp32 weights, SmolLM2's layer shapes on the CI machine, 2026-12-07); other
 models read a bf16 copy (half the bytes) for steps of up to `COMPACT_ROWS` rows. On
@@ -31,33 +31,33 @@ def onednn_available(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compact: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compact: bool = False,
+                 blocks: tuple | None = None) -> None:
+        """blocks: (kernel, repacked GGUF blocks) that are exactly `weight` (gguf_weights.blocks_for): every step
+        reads them and no other copy is made; the blocks are the only one (SmolLM2: 96 MB of blocks, where a packed
+        fp32 copy, read by no step since the blocks serve prefills too, was another 538 MB, and packing it at load
+        0.18 s and ~130 MiB of the load's peak)."""
         self.bias = bias
-        self.weight = weight
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.fp32_bytes = weight.numel() * weight.element_size()
+        self.weight = None
         self.packed = None
-        if onednn_available(weight):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-            self.weight = None  # the packed copy replaces it
         self.bf16 = None
-        self.blocks = None
+        self.blocks = None if blocks is None else (*blocks, self.in_features)
         self.kernels = None
         self.bf16_rows = 0
         self.gpu_gemv = False   # GPUs: one-row products through gpu_gemv (FastLlama turns it on)
+        if self.blocks is not None:
+            self.kernels = cpu_kernels.load()   # loaded already: blocks_for took a kernel from it
+            return
+        self.weight = weight
+        if onednn_available(weight):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self.weight = None  # the packed copy replaces it
         if compact and weight.dtype == torch.float32:
             self.bf16 = (weight.to(torch.bfloat16).contiguous(), None if bias is None else bias.to(torch.bfloat16))
             self.kernels = cpu_kernels.load() if weight.device.type == "cpu" else None
             self.bf16_rows = COMPACT_ROWS if self.kernels is not None else BF16_TORCH_ROWS
-
-    def use_blocks(self, kernel, blocks: torch.Tensor, in_features: int) -> None:
-        """Every step reads the weights in a GGUF block format (the same values as the fp32 weights) with kernel;
-        the bf16 and fp32 copies they replace are dropped: the blocks are the only copy (SmolLM2: 96 MB of blocks,
-        where the packed fp32 copy, read by no step since the blocks serve prefills too, was another 538 MB)."""
-        self.blocks = (kernel, blocks, in_features)
-        self.bf16 = None
-        self.packed = None
-        self.weight = None
 
     def compact(self) -> torch.Tensor:
         """The weights our kernels read for a decode step: GGUF blocks where there are some, else bf16."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine_service.model import attention, fused_ops, gguf_weights, paged_decode
+from engine_service.model import attention, cpu_kernels, fused_ops, gguf_weights, paged_decode
 from engine_service.model.attention import paged_attention_core
 from engine_service.model.linear import COMPACT_ROWS, Linear
 
@@ -58,10 +58,13 @@ class FastLlama:
         self.scaling = self.head_dim ** -0.5
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        self.lm_head = Linear(model.lm_head.weight, compact=compact_decode_weights)
-        kernels = self.lm_head.kernels
-        gguf_weights.give_blocks(self.lm_head, gguf, kernels, gguf_weights.head_tensor_names(gguf),
-                                 model.lm_head.weight)
+        head = model.lm_head.weight
+        # Our kernels serve compact decode weights of an fp32 model on CPU; a GGUF-sourced model's matrices are
+        # matched to their blocks before they are built, so no other copy of them is ever made.
+        kernels = cpu_kernels.load() if (compact_decode_weights and head.device.type == "cpu"
+                                         and head.dtype == torch.float32) else None
+        self.lm_head = Linear(head, compact=compact_decode_weights, blocks=gguf_weights.blocks_for(
+            gguf, kernels, gguf_weights.head_tensor_names(gguf), head))
         self.rotary = model.model.rotary_emb
         self.layers: list[LayerWeights] = []
         for index, layer in enumerate(model.model.layers):
@@ -70,17 +73,13 @@ class FastLlama:
             fused = {"qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
                      "o": attn.o_proj.weight, "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                      "down": mlp.down_proj.weight}
-            weights = LayerWeights(
-                input_norm=layer.input_layernorm.weight,
-                qkv=Linear(fused["qkv"], torch.cat(biases) if biases[0] is not None else None, compact_decode_weights),
-                o=Linear(fused["o"], attn.o_proj.bias, compact_decode_weights),
-                post_norm=layer.post_attention_layernorm.weight,
-                gate_up=Linear(fused["gate_up"], None, compact_decode_weights),
-                down=Linear(fused["down"], None, compact_decode_weights),
-            )
-            if compact_decode_weights:
-                for name, names in gguf_weights.layer_tensor_names(index).items():
-                    gguf_weights.give_blocks(getattr(weights, name), gguf, kernels, names, fused[name])
+            bias = {"qkv": torch.cat(biases) if biases[0] is not None else None, "o": attn.o_proj.bias,
+                    "gate_up": None, "down": None}
+            linears = {name: Linear(fused[name], bias[name], compact_decode_weights,
+                                    gguf_weights.blocks_for(gguf, kernels, names, fused[name]))
+                       for name, names in gguf_weights.layer_tensor_names(index).items()}
+            weights = LayerWeights(input_norm=layer.input_layernorm.weight,
+                                   post_norm=layer.post_attention_layernorm.weight, **linears)
             self.layers.append(weights)
             # Our copies replace the originals: drop those so the weights are held once (the tied embedding stays).
             for module in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
