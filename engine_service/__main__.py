@@ -14,7 +14,7 @@ from common.models import DEFAULT_MODEL, model_display_name, resolve_model
 from common.security import TlsFiles
 from common.server import run_service, run_until_signal, start_grpc_server
 from engine_service.engine import Engine
-from engine_service.model_runner import ModelRunner, pick_device, pick_dtype
+from engine_service.model_runner import KV_CACHE_DTYPES, ModelRunner, pick_device, pick_dtype, pick_kv_cache_dtype
 from engine_service.server import ROLES, EngineServicer
 from splitserve.v1 import engine_pb2_grpc
 
@@ -33,6 +33,10 @@ class EngineConfig:
     device: str = field(default="auto", metadata={"env": "DEVICE", "help": "auto, cpu or cuda"})
     dtype: str = field(default="auto", metadata={"env": "DTYPE", "help": "auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16"})
     kv_cache_gb: float = field(default=1.0, metadata={"help": "memory for the KV cache, GiB"})
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "auto (the model's dtype), float32, float16 or bfloat16. CPU: a 16-bit cache under the fp32 model "
+                "holds twice the tokens and halves the bytes decode attention reads (long contexts decode faster); "
+                "it rounds the keys and values, so greedy output may differ from transformers' fp32"})
     block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV cache of shared prompt prefixes"})
     compact_decode_weights: bool = field(default=True, metadata={
@@ -71,6 +75,9 @@ class EngineConfig:
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and max_waiting must be positive")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be positive")
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
 
@@ -104,14 +111,18 @@ async def serve(config: EngineConfig) -> None:
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
 
+    dtype = pick_dtype(config.dtype, device)
+    kv_cache_dtype = pick_kv_cache_dtype(config.kv_cache_dtype, dtype, device)
+
     def build() -> Engine:
         runner = ModelRunner(
-            resolve_model(config.model), model_display_name(config.model), device, pick_dtype(config.dtype, device),
+            resolve_model(config.model), model_display_name(config.model), device, dtype,
             kv_cache_bytes=int(config.kv_cache_gb * (1 << 30)), block_size=config.block_size,
             max_model_len=config.max_model_len, fast_path=config.fast_path, prefix_caching=config.prefix_caching,
             fault_token_id=config.fault_token_id, step_delay=config.step_delay_seconds,
             cuda_graphs=config.cuda_graphs, fused_gpu_ops=config.fused_gpu_ops,
-            compact_decode_weights=config.compact_decode_weights and device.type == "cpu")
+            compact_decode_weights=config.compact_decode_weights and device.type == "cpu",
+            kv_cache_dtype=kv_cache_dtype)
         return Engine(runner, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
                       draft_layers=config.draft_layers)
 

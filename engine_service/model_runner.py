@@ -103,6 +103,26 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return dtypes[requested]
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """--kv-cache-dtype: auto stores keys and values in the model's dtype. A 16-bit cache under an fp32 model (as
+    vLLM's --kv-cache-dtype and llama.cpp's default fp16 cache) halves the cache's memory and the bytes a decode
+    step's attention reads, and rounds what the model attends. On CPUs only: the GPU paths (paged decode kernel,
+    fused ops, CUDA graphs) are built and tested for a cache in the model's dtype."""
+    if requested in ("", "auto"):
+        return dtype
+    if requested not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown KV-cache dtype {requested!r}; use auto or one of {sorted(KV_CACHE_DTYPES)}")
+    chosen = KV_CACHE_DTYPES[requested]
+    if chosen != dtype and device.type != "cpu":
+        raise ValueError(f"a KV cache in {requested} under a {str(dtype).removeprefix('torch.')} model is supported "
+                         f"on CPUs only; on {device.type} use --kv-cache-dtype auto")
+    return chosen
+
+
 def _eos_ids(model: torch.nn.Module) -> tuple[int, ...]:
     ids: list[int] = []
     for source in (model.generation_config, model.config):
@@ -117,7 +137,9 @@ class ModelRunner:
     def __init__(self, model_path: str, display_name: str, device: torch.device, dtype: torch.dtype,
                  kv_cache_bytes: int, block_size: int, max_model_len: int, fast_path: bool = True,
                  prefix_caching: bool = True, fault_token_id: int = -1, compact_decode_weights: bool = False,
-                 step_delay: float = 0.0, cuda_graphs: bool = True, fused_gpu_ops: bool = True) -> None:
+                 step_delay: float = 0.0, cuda_graphs: bool = True, fused_gpu_ops: bool = True,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
+        """kv_cache_dtype: keys and values stored in it (pick_kv_cache_dtype); None: the model's dtype."""
         self.model_path = model_path   # also the tokenizer's folder (structured output's vocabulary)
         self.device = device
         self.dtype = dtype
@@ -139,7 +161,7 @@ class ModelRunner:
             num_layers=text_config.num_hidden_layers,
             num_kv_heads=getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads,
             head_dim=head_dim,
-            dtype=dtype,
+            dtype=kv_cache_dtype or dtype,
         )
         # GPUs: decode attention reads the paged cache in place (a Triton kernel), and plain decode steps replay
         # CUDA graphs (capture_graphs).
@@ -166,8 +188,8 @@ class ModelRunner:
             dtype=str(dtype).removeprefix("torch."),
         )
         log.info("model ready %s", kv(name=display_name, device=str(device), dtype=self.model_spec.dtype,
-                                      kv_blocks=num_blocks, block_size=block_size, context=context,
-                                      fast_path=self.fast is not None))
+                                      kv_cache_dtype=str(shape.dtype).removeprefix("torch."), kv_blocks=num_blocks,
+                                      block_size=block_size, context=context, fast_path=self.fast is not None))
 
     def draft_layers(self, requested: int) -> int:
         """How many of the model's first layers may draft (--draft-layers; -1: a quarter): fewer than all of them,

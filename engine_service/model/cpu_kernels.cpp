@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -577,19 +578,39 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {
+// A KV-cache entry type: fp32, or 16-bit (--kv-cache-dtype float16 / bfloat16) widened to fp32 on load.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) { return load_bf16(reinterpret_cast<const uint16_t*>(p)); }
+
+// A new key or value into its cache slot, rounded as torch's .to(dtype) rounds (to nearest even): the prefill path
+// writes the cache with torch, and both must store the same values.
+template <class T>
+inline void store_entry(T* out, const float* in, int64_t D) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(out, in, D * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < D; ++i) out[i] = T(in[i]);
+  }
+}
+
+template <class T>
+inline float dot(const float* a, const T* b, int64_t D) {
   __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   return sum8(acc);
 }
 
-// out[i] = scale * (q . key of slot i) over n keys (D floats each), 8 keys at a time: their eight accumulators
+// out[i] = scale * (q . key of slot i) over n keys (D values each), 8 keys at a time: their eight accumulators
 // are reduced together by a transpose of horizontal adds, not by one horizontal sum per key.
-void attention_scores(const float* q, const float* keys, const int64_t* slots, int64_t n, int64_t D, float scale,
+template <class T>
+void attention_scores(const float* q, const T* keys, const int64_t* slots, int64_t n, int64_t D, float scale,
                       float* out) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const float* key[8];
+    const T* key[8];
     __m256 acc[8];
     for (int j = 0; j < 8; ++j) {
       key[j] = keys + slots[i + j] * D;
@@ -597,7 +618,7 @@ void attention_scores(const float* q, const float* keys, const int64_t* slots, i
     }
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qv = _mm256_loadu_ps(q + d);
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[j] + d), acc[j]);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(key[j] + d), acc[j]);
     }
     const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
@@ -608,20 +629,21 @@ void attention_scores(const float* q, const float* keys, const int64_t* slots, i
 }
 
 // out[d0, d0 + 8V) = sum_i weight * p[i] * value of slot i, accumulated in registers over the n values.
-template <int V>
-inline void weighted_values(const float* p, float weight, const float* values, const int64_t* slots, int64_t n,
+template <int V, class T>
+inline void weighted_values(const float* p, float weight, const T* values, const int64_t* slots, int64_t n,
                             int64_t D, int64_t d0, float* out) {
   __m256 acc[V];
   for (int k = 0; k < V; ++k) acc[k] = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     const __m256 w = _mm256_set1_ps(p[i] * weight);
-    const float* v = values + slots[i] * D + d0;
-    for (int k = 0; k < V; ++k) acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * k), acc[k]);
+    const T* v = values + slots[i] * D + d0;
+    for (int k = 0; k < V; ++k) acc[k] = _mm256_fmadd_ps(w, load8(v + 8 * k), acc[k]);
   }
   for (int k = 0; k < V; ++k) _mm256_storeu_ps(out + d0 + 8 * k, acc[k]);
 }
 
-void attention_output(const float* p, float weight, const float* values, const int64_t* slots, int64_t n, int64_t D,
+template <class T>
+void attention_output(const float* p, float weight, const T* values, const int64_t* slots, int64_t n, int64_t D,
                       float* out) {
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) weighted_values<8>(p, weight, values, slots, n, D, d0, out);
@@ -632,18 +654,20 @@ void attention_output(const float* p, float weight, const float* values, const i
 
 // ids [B] (each row's token), embed [V, H] (the embedding table), positions [B] (each row's position: its row of
 // the rotary tables cos/sin [P, D]), slots [B] (where each row's new key/value goes), context [B, L] with lengths
-// [B] (the cache slots each row attends, its own new slot included), k_cache/v_cache per layer [Hkv, S, D] fp32,
+// [B] (the cache slots each row attends, its own new slot included), k_cache/v_cache per layer [Hkv, S, D] (fp32,
+// or fp16 / bf16 with --kv-cache-dtype: widened to fp32 as they are read, new entries rounded as torch rounds),
 // weights per layer: input norm, qkv, qkv bias (or an empty tensor), o, post norm, gate_up, down (each compact
 // matrix as linear_into reads it; intermediate_size: the MLP's); final_norm [H].
 // Returns the rows after the last layer and the final norm [B, H], ready for the LM head. The embedding lookup, the
 // rotary rows and the final norm are here, not torch ops around the call: after the step has streamed the weights
 // through the caches each torch op costs tens of microseconds (its code and data cold), ~0.5 ms a batch-1 step.
-torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tensor positions, torch::Tensor cos,
-                            torch::Tensor sin, torch::Tensor slots, torch::Tensor context, torch::Tensor lengths,
-                            std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache,
-                            std::vector<torch::Tensor> weights, torch::Tensor final_norm, int64_t num_heads,
-                            int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size, double eps,
-                            double scaling) {
+template <class T>
+torch::Tensor decode_layers_with(torch::Tensor ids, torch::Tensor embed, torch::Tensor positions, torch::Tensor cos,
+                                 torch::Tensor sin, torch::Tensor slots, torch::Tensor context, torch::Tensor lengths,
+                                 const std::vector<torch::Tensor>& k_cache, const std::vector<torch::Tensor>& v_cache,
+                                 const std::vector<torch::Tensor>& weights, torch::Tensor final_norm,
+                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size,
+                                 double eps, double scaling) {
   const int64_t B = ids.size(0), H = embed.size(1), D = head_dim, L = context.size(1);
   const int64_t layers = static_cast<int64_t>(k_cache.size());
   TORCH_CHECK(embed.scalar_type() == torch::kFloat32 && embed.is_contiguous() && D % 8 == 0,
@@ -652,8 +676,8 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
                   positions.size(0) == B && cos.size(1) == D && sin.sizes() == cos.sizes(),
               "ids and positions [B] int64, cos/sin [P, head size]");
   TORCH_CHECK(final_norm.numel() == H, "the final norm has the hidden size");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 7 * layers && v_cache.size() == k_cache.size(),
-              "seven weights and two caches per layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 7 * layers,
+              "seven weights per layer");
   ids = ids.contiguous();
   positions = positions.contiguous();
   cos = cos.contiguous();
@@ -692,8 +716,8 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
   };
   for (int64_t layer = 0; layer < layers; ++layer) {
     const torch::Tensor* w = &weights[7 * layer];
-    float* kc = k_cache[layer].data_ptr<float>();
-    float* vc = v_cache[layer].data_ptr<float>();
+    T* kc = k_cache[layer].data_ptr<T>();
+    T* vc = v_cache[layer].data_ptr<T>();
     const int64_t S = k_cache[layer].size(1);
     add_norm(layer == 0 ? nullptr : proj.data(), w[0].data_ptr<float>(), normed.data());
     linear_into(normed.data(), w[1], w[2].numel() ? w[2].data_ptr<float>() : nullptr, qkv.data(), B, H, qkv_size);
@@ -703,8 +727,8 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
       const int64_t at = position[b] * D;   // this row's rotary angles
       for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) rotate(row + h * D, cp + at, sp + at, D);
       for (int64_t h = 0; h < num_kv_heads; ++h) {
-        std::memcpy(kc + (h * S + slot[b]) * D, row + q_size + h * D, D * sizeof(float));
-        std::memcpy(vc + (h * S + slot[b]) * D, row + q_size + kv_size + h * D, D * sizeof(float));
+        store_entry(kc + (h * S + slot[b]) * D, row + q_size + h * D, D);
+        store_entry(vc + (h * S + slot[b]) * D, row + q_size + kv_size + h * D, D);
       }
     });
     parallel_chunks(B * num_heads, 1, [&](int64_t begin, int64_t end) {
@@ -712,8 +736,8 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / num_heads, h = task % num_heads, kvh = h / groups, n = len[b];
         const float* q = qkv.data() + b * qkv_size + h * D;
-        const float* keys = kc + kvh * S * D;
-        const float* values = vc + kvh * S * D;
+        const T* keys = kc + kvh * S * D;
+        const T* values = vc + kvh * S * D;
         attention_scores(q, keys, ctx + b * L, n, D, scale, scores);
         const float top = *std::max_element(scores, scores + n);
         const float inverse = 1.0f / exp_shifted(scores, n, top);
@@ -731,6 +755,32 @@ torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tenso
   auto out = torch::empty_like(x);
   add_norm(layers == 0 ? nullptr : proj.data(), final_norm.data_ptr<float>(), out.data_ptr<float>());
   return out;
+}
+
+torch::Tensor decode_layers(torch::Tensor ids, torch::Tensor embed, torch::Tensor positions, torch::Tensor cos,
+                            torch::Tensor sin, torch::Tensor slots, torch::Tensor context, torch::Tensor lengths,
+                            std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache,
+                            std::vector<torch::Tensor> weights, torch::Tensor final_norm, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size, double eps,
+                            double scaling) {
+  TORCH_CHECK(k_cache.size() == v_cache.size(), "one key and one value cache per layer");
+  const auto type = k_cache.empty() ? torch::kFloat32 : k_cache[0].scalar_type();
+  for (size_t i = 0; i < k_cache.size(); ++i)
+    TORCH_CHECK(k_cache[i].scalar_type() == type && v_cache[i].scalar_type() == type && k_cache[i].is_contiguous() &&
+                    v_cache[i].is_contiguous() && k_cache[i].dim() == 3 && k_cache[i].size(0) == num_kv_heads &&
+                    k_cache[i].size(2) == head_dim && v_cache[i].sizes() == k_cache[i].sizes(),
+                "contiguous [kv heads, slots, head size] caches of one dtype");
+  const auto run = [&](auto tag) {
+    using T = decltype(tag);
+    return decode_layers_with<T>(ids, embed, positions, cos, sin, slots, context, lengths, k_cache, v_cache, weights,
+                                 final_norm, num_heads, num_kv_heads, head_dim, intermediate_size, eps, scaling);
+  };
+  switch (type) {
+    case torch::kFloat32: return run(float{});
+    case torch::kFloat16: return run(c10::Half{});
+    case torch::kBFloat16: return run(c10::BFloat16{});
+    default: TORCH_CHECK(false, "a KV cache in fp32, fp16 or bf16 only");
+  }
 }
 
 // The GIL is released while a kernel runs: the engine's gRPC threads stream the previous step's tokens meanwhile.

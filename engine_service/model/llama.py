@@ -20,6 +20,7 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
 ROTARY_TABLE_POSITIONS = 1 << 17   # fused_gpu_ops: cos/sin tables up to this many positions (64 MiB at fp32, D 64)
 WEIGHTS_PER_LAYER = 7   # the one-call kernel's weights of one layer (decode_weights)
+KERNEL_CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)   # KV caches the one-call kernel reads
 
 
 @dataclass
@@ -190,7 +191,7 @@ class FastLlama:
         tokens = input_ids.shape[0]
         if (self.decode_kernels is not None and hidden_rows is None and not step.prefills
                 and step.decode_slots is not None
-                and step.num_decode == tokens <= COMPACT_ROWS and step.k_cache[0].dtype == torch.float32):
+                and step.num_decode == tokens <= COMPACT_ROWS and step.k_cache[0].dtype in KERNEL_CACHE_DTYPES):
             return self.lm_head(self._decode_kernel_rows(input_ids, positions, keep, num_layers)), None
         x = F.embedding(input_ids, self.embed)
         if self.rotary_table is not None:

@@ -186,3 +186,22 @@ def test_json_schema_and_json_object_outputs_on_smollm2(smollm2_gateway):
                                            for kind, chat, params in cases], concurrency=len(cases))
     for (kind, _, _), got in zip(cases, results):
         assert_finished_valid(kind, got)
+
+
+@pytest.mark.slow
+def test_a_16_bit_kv_cache_serves_greedy_output_that_leaves_generate_only_at_near_ties(
+        smollm2_model, tokenizer, tmp_path):
+    """`--kv-cache-dtype float16` on the default CPU configuration: the keys and values are stored rounded to fp16
+    (twice the tokens in the same memory), the one-call kernel widens them as it reads. Rounding what the model
+    attends may move a greedy choice only where two tokens were nearly tied in fp32."""
+    stack = start_stack("smollm2", tmp_path / "logs", ["--kv-cache-dtype", "float16", "--kv-cache-gb", "0.25"])
+    try:
+        with grpc.insecure_channel(stack.address("gateway")) as channel:
+            results = greedy_batch(gateway_pb2_grpc.GatewayStub(channel), ALL_PROMPTS[:8], MAX_TOKENS)
+        assert "kv_cache_dtype='float16'" in stack.services["engine"].log_path.read_text(errors="replace")
+    finally:
+        stack.stop()
+    for prompt, got in zip(ALL_PROMPTS[:8], results):
+        ids = prompt_ids(tokenizer, prompt)
+        check_greedy_close(smollm2_model, ids, got.token_ids, reference_greedy(smollm2_model, ids, MAX_TOKENS),
+                           tolerance=0.5)

@@ -111,6 +111,53 @@ def test_decode_kernel_equals_eager_forward(kernels, request, architecture, batc
 
 
 @needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_decode_kernel_reads_and_writes_a_16_bit_cache_as_the_eager_path_does(kernels, tiny_model_dir, cache_dtype,
+                                                                              batch):
+    """--kv-cache-dtype float16 / bfloat16 under the fp32 model: the one-call kernel serves the decode step, reading
+    the 16-bit keys and values widened to fp32, and stores its new ones rounded as torch's .to(dtype) rounds (the
+    eager path and the prefill write the cache with torch). The cache holds twice the tokens of an fp32 one."""
+    def runner_with(dtype: torch.dtype | None) -> ModelRunner:
+        return ModelRunner(str(tiny_model_dir), "tiny", torch.device("cpu"), torch.float32, kv_cache_bytes=1 << 24,
+                           block_size=16, max_model_len=0, compact_decode_weights=True, kv_cache_dtype=dtype)
+
+    runner = runner_with(cache_dtype)
+    assert runner.cache.k[0].dtype == cache_dtype
+    assert runner.blocks.num_blocks == 2 * runner_with(None).blocks.num_blocks
+    rng = np.random.default_rng(100 + batch)
+    prompts = [[int(t) for t in rng.integers(3, 49152, size=5 + 7 * i)] for i in range(batch)]
+    engine = _decode_ready_engine(runner, prompts)
+    calls = []
+
+    class Spy:   # the kernel module, counting the one-call steps
+        def decode_layers(self, *args):
+            calls.append(args[8][0].dtype)
+            return kernels.decode_layers(*args)
+
+    runner.fast.decode_kernels = Spy()
+    try:
+        chunks = engine.scheduler.schedule()
+        before = [t.clone() for t in runner.cache.k + runner.cache.v]
+        kernel_logits = runner.forward(chunks).logits
+        kernel_cache = [t.clone() for t in runner.cache.k + runner.cache.v]
+        runner.fast.decode_kernels = None
+        eager_logits = runner.forward(chunks).logits   # writes the same keys/values again, with torch
+    finally:
+        runner.fast.decode_kernels = kernels
+    assert calls == [cache_dtype], "the decode step did not go through the kernel"
+    written = torch.cat([(k != b).flatten() for k, b in zip(kernel_cache, before)])
+    kernel_values = torch.cat([t.flatten() for t in kernel_cache])[written]
+    eager_values = torch.cat([t.flatten() for t in runner.cache.k + runner.cache.v])[written]
+    assert written.sum() > 0.9 * batch * 2 * 2 * 2 * 16   # layers x (k, v) x kv heads x head size, a few zeros aside
+    # The fp32 values before rounding differ by the summation order of the norms and products (a few fp32 ulps), so a
+    # few may round to neighbouring 16-bit values; another rounding (truncation) would move about half of them.
+    assert (kernel_values == eager_values).float().mean() > 0.95
+    torch.testing.assert_close(kernel_values.float(), eager_values.float(), atol=1e-5, rtol=2 ** -7)
+    torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-3, rtol=1e-3)
+
+
+@needs_kernels
 def test_rotary_table_rows_are_the_rotary_modules_values(kernels, tiny_model_dir):
     """The one-call kernel reads each row's cos/sin from a table the model's rotary module built: the same floats
     the module gives for that position in a step of its own."""
