@@ -14,7 +14,7 @@ from common.models import DEFAULT_MODEL, model_display_name, resolve_model
 from common.security import TlsFiles
 from common.server import run_service, run_until_signal, start_grpc_server
 from engine_service.engine import Engine
-from engine_service.model_runner import KV_CACHE_DTYPES, ModelRunner, pick_device, pick_dtype, pick_kv_cache_dtype
+from engine_service.model_runner import DTYPES, ModelRunner, pick_device, pick_dtype, pick_kv_cache_dtype
 from engine_service.server import ROLES, EngineServicer
 from splitserve.v1 import engine_pb2_grpc
 
@@ -75,8 +75,8 @@ class EngineConfig:
             raise ValueError("kv_cache_gb, block_size, max_num_seqs and max_waiting must be positive")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be positive")
-        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
-            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, "
+        if self.kv_cache_dtype not in ("auto", *DTYPES):
+            raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")

@@ -92,19 +92,18 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
+# The names --dtype and --kv-cache-dtype take (besides auto).
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested in ("", "auto"):
         # fp32 on CPU keeps greedy output token-identical to transformers' default; bf16 on GPUs.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16}
-    if requested not in dtypes:
-        raise ValueError(f"unknown dtype {requested!r}; use one of {sorted(dtypes)}")
-    return dtypes[requested]
-
-
-KV_CACHE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested not in DTYPES:
+        raise ValueError(f"unknown dtype {requested!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[requested]
 
 
 def pick_kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -114,9 +113,9 @@ def pick_kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device
     fused ops, CUDA graphs) are built and tested for a cache in the model's dtype."""
     if requested in ("", "auto"):
         return dtype
-    if requested not in KV_CACHE_DTYPES:
-        raise ValueError(f"unknown KV-cache dtype {requested!r}; use auto or one of {sorted(KV_CACHE_DTYPES)}")
-    chosen = KV_CACHE_DTYPES[requested]
+    if requested not in DTYPES:
+        raise ValueError(f"unknown KV-cache dtype {requested!r}; use auto or one of {sorted(DTYPES)}")
+    chosen = DTYPES[requested]
     if chosen != dtype and device.type != "cpu":
         raise ValueError(f"a KV cache in {requested} under a {str(dtype).removeprefix('torch.')} model is supported "
                          f"on CPUs only; on {device.type} use --kv-cache-dtype auto")

@@ -30,6 +30,13 @@ def onednn_available(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
+def compact_kernels(weight: torch.Tensor, compact: bool):
+    """Our kernels' module where they serve compact weights: an fp32 matrix on a CPU that has them; else None."""
+    if compact and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        return cpu_kernels.load()
+    return None
+
+
 class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, compact: bool = False,
                  blocks: tuple | None = None) -> None:
@@ -48,7 +55,7 @@ class Linear:
         self.bf16_rows = 0
         self.gpu_gemv = False   # GPUs: one-row products through gpu_gemv (FastLlama turns it on)
         if self.blocks is not None:
-            self.kernels = cpu_kernels.load()   # loaded already: blocks_for took a kernel from it
+            self.kernels = compact_kernels(weight, True)   # loaded already: blocks_for took a kernel from it
             return
         self.weight = weight
         if onednn_available(weight):
@@ -56,7 +63,7 @@ class Linear:
             self.weight = None  # the packed copy replaces it
         if compact and weight.dtype == torch.float32:
             self.bf16 = (weight.to(torch.bfloat16).contiguous(), None if bias is None else bias.to(torch.bfloat16))
-            self.kernels = cpu_kernels.load() if weight.device.type == "cpu" else None
+            self.kernels = compact_kernels(weight, compact)
             self.bf16_rows = COMPACT_ROWS if self.kernels is not None else BF16_TORCH_ROWS
 
     def compact(self) -> torch.Tensor:

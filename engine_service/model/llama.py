@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine_service.model import attention, cpu_kernels, fused_ops, gguf_weights, paged_decode
+from engine_service.model import attention, fused_ops, gguf_weights, paged_decode
 from engine_service.model.attention import paged_attention_core
-from engine_service.model.linear import COMPACT_ROWS, Linear
+from engine_service.model.linear import COMPACT_ROWS, Linear, compact_kernels
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
@@ -62,8 +62,7 @@ class FastLlama:
         head = model.lm_head.weight
         # Our kernels serve compact decode weights of an fp32 model on CPU; a GGUF-sourced model's matrices are
         # matched to their blocks before they are built, so no other copy of them is ever made.
-        kernels = cpu_kernels.load() if (compact_decode_weights and head.device.type == "cpu"
-                                         and head.dtype == torch.float32) else None
+        kernels = compact_kernels(head, compact_decode_weights)
         self.lm_head = Linear(head, compact=compact_decode_weights, blocks=gguf_weights.blocks_for(
             gguf, kernels, gguf_weights.head_tensor_names(gguf), head))
         self.rotary = model.model.rotary_emb
