@@ -149,7 +149,7 @@ def measure(model_path: str) -> Limits:
             w = runner.fast.layers[0]
             linears = [w.qkv, w.o, w.gate_up, w.down]
             sizes = [linear.in_features for linear in linears]
-            if onednn_available(runner.fast.embed):   # oneDNN's fp32 product over packed weights of these shapes
+            if onednn_available(runner.fast.final_norm):   # oneDNN's fp32 product over packed weights of these shapes
                 # (random values: they do not change the rate; a GGUF-sourced model keeps no fp32 copy to pack)
                 fp32_linears = [Linear(torch.randn(linear.out_features, linear.in_features)) for linear in linears]
                 rates["onednn_fp32_64_rows"] = _gflops([linear.fp32 for linear in fp32_linears], sizes, 64)

@@ -440,6 +440,73 @@ torch::Tensor linear_quant(torch::Tensor x, torch::Tensor weight, int64_t K, int
   return y;
 }
 
+// Row `row` of a matrix held as repacked groups (check_groups), dequantised to the values pack_group gives it (the
+// fp32 model's: Q4_1's d * q + m rounded once, Q8_0's exact d * q): an embedding lookup from the GGUF's blocks.
+template <bool Q4>
+void dequantize_row(const uint8_t* groups, int64_t K, int64_t row, float* out) {
+  const int64_t blocks = K / 32, G = group_block_bytes<Q4>();
+  const uint8_t* group = groups + (row / 8) * blocks * G;
+  const int64_t lane = row % 8;
+  uint16_t bits;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* p = group + b * G;
+    float* o = out + 32 * b;
+    if constexpr (Q4) {
+      std::memcpy(&bits, p + 128 + 2 * lane, 2);
+      const float d = _cvtsh_ss(bits);
+      std::memcpy(&bits, p + 144 + 2 * lane, 2);
+      const float m = _cvtsh_ss(bits);
+      for (int t = 0; t < 8; ++t) {
+        uint16_t quad;
+        std::memcpy(&quad, p + 16 * t + 2 * lane, 2);
+        for (int s = 0; s < 4; ++s) o[t + 8 * s] = std::fma(static_cast<float>((quad >> (4 * s)) & 0x0F), d, m);
+      }
+    } else {
+      std::memcpy(&bits, p + 256 + 2 * lane, 2);
+      const float d = _cvtsh_ss(bits);
+      for (int k = 0; k < 32; ++k) o[k] = static_cast<float>(static_cast<int8_t>(p[8 * k + lane])) * d;
+    }
+  }
+}
+
+// Is `table` the repacked groups of an [N, K] matrix (Q4_1: true), not an fp32 [N, K] one? Its row count then
+// holds the rows rounded up to 16 (zero rows after the last).
+bool quantized_table(const torch::Tensor& table, int64_t K, bool& q4) {
+  if (table.scalar_type() != torch::kUInt8) return false;
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous() && K > 0 && K % 32 == 0 &&
+                  (table.size(1) == K / 32 * group_block_bytes<true>() ||
+                   table.size(1) == K / 32 * group_block_bytes<false>()),
+              "a quantized table must be the contiguous repacked groups of an [N, K] matrix");
+  q4 = table.size(1) == K / 32 * group_block_bytes<true>();
+  return true;
+}
+
+// out[i] = row ids[i] of `table`: fp32 [N, K], or repacked Q4_1 / Q8_0 groups of an [N, K] matrix.
+void lookup_rows(const torch::Tensor& table, const int64_t* ids, int64_t n, int64_t K, float* out) {
+  bool q4 = false;
+  const bool quantized = quantized_table(table, K, q4);
+  const int64_t rows = quantized ? table.size(0) * 8 : table.size(0);
+  TORCH_CHECK(quantized || (table.scalar_type() == torch::kFloat32 && table.is_contiguous() && table.size(1) == K),
+              "an embedding must be a contiguous fp32 [vocab, hidden] table or its repacked blocks");
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(0 <= ids[i] && ids[i] < rows, "a token id outside the vocabulary");
+  for (int64_t i = 0; i < n; ++i) {
+    if (!quantized)
+      std::memcpy(out + i * K, table.data_ptr<float>() + ids[i] * K, K * sizeof(float));
+    else if (q4)
+      dequantize_row<true>(table.data_ptr<uint8_t>(), K, ids[i], out + i * K);
+    else
+      dequantize_row<false>(table.data_ptr<uint8_t>(), K, ids[i], out + i * K);
+  }
+}
+
+torch::Tensor embed_rows(torch::Tensor ids, torch::Tensor table, int64_t K) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong, "ids must be a 1-D int64 tensor");
+  ids = ids.contiguous();
+  auto out = torch::empty({ids.size(0), K}, torch::dtype(torch::kFloat32));
+  lookup_rows(table, ids.data_ptr<int64_t>(), ids.size(0), K, out.data_ptr<float>());
+  return out;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -652,8 +719,9 @@ void attention_output(const float* p, float weight, const T* values, const int64
 
 }  // namespace
 
-// ids [B] (each row's token), embed [V, H] (the embedding table), positions [B] (each row's position: its row of
-// the rotary tables cos/sin [P, D]), slots [B] (where each row's new key/value goes), context [B, L] with lengths
+// ids [B] (each row's token), embed (the embedding table: fp32 [V, H] or its repacked GGUF groups), positions [B]
+// (each row's position: its row of the rotary tables cos/sin [P, D]), slots [B] (where each row's new key/value
+// goes), context [B, L] with lengths
 // [B] (the cache slots each row attends, its own new slot included), k_cache/v_cache per layer [Hkv, S, D] (fp32,
 // or fp16 / bf16 with --kv-cache-dtype: widened to fp32 as they are read, new entries rounded as torch rounds),
 // weights per layer: input norm, qkv, qkv bias (or an empty tensor), o, post norm, gate_up, down (each compact
@@ -668,14 +736,12 @@ torch::Tensor decode_layers_with(torch::Tensor ids, torch::Tensor embed, torch::
                                  const std::vector<torch::Tensor>& weights, torch::Tensor final_norm,
                                  int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate_size,
                                  double eps, double scaling) {
-  const int64_t B = ids.size(0), H = embed.size(1), D = head_dim, L = context.size(1);
+  const int64_t B = ids.size(0), H = final_norm.numel(), D = head_dim, L = context.size(1);
   const int64_t layers = static_cast<int64_t>(k_cache.size());
-  TORCH_CHECK(embed.scalar_type() == torch::kFloat32 && embed.is_contiguous() && D % 8 == 0,
-              "a contiguous fp32 embedding and a head size divisible by 8 only");
+  TORCH_CHECK(D % 8 == 0, "a head size divisible by 8 only");
   TORCH_CHECK(ids.scalar_type() == torch::kLong && positions.scalar_type() == torch::kLong &&
                   positions.size(0) == B && cos.size(1) == D && sin.sizes() == cos.sizes(),
               "ids and positions [B] int64, cos/sin [P, head size]");
-  TORCH_CHECK(final_norm.numel() == H, "the final norm has the hidden size");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 7 * layers,
               "seven weights per layer");
   ids = ids.contiguous();
@@ -685,13 +751,10 @@ torch::Tensor decode_layers_with(torch::Tensor ids, torch::Tensor embed, torch::
   final_norm = final_norm.contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t* position = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(0 <= id[b] && id[b] < embed.size(0), "a token id outside the vocabulary");
-    TORCH_CHECK(0 <= position[b] && position[b] < cos.size(0), "a position beyond the rotary table");
-  }
-  auto x = torch::empty({B, H}, embed.options());
   for (int64_t b = 0; b < B; ++b)
-    std::memcpy(x.data_ptr<float>() + b * H, embed.data_ptr<float>() + id[b] * H, H * sizeof(float));
+    TORCH_CHECK(0 <= position[b] && position[b] < cos.size(0), "a position beyond the rotary table");
+  auto x = torch::empty({B, H}, torch::dtype(torch::kFloat32));
+  lookup_rows(embed, id, B, H, x.data_ptr<float>());
   slots = slots.contiguous();
   context = context.contiguous();
   lengths = lengths.contiguous();
@@ -792,6 +855,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         no_gil);
   m.def("linear_q8_0", &linear_quant<false>,
         "y = x W^T + b, W [N, K] in GGUF Q8_0 blocks (repacked groups), fp32 x and accumulation",
+        no_gil);
+  m.def("embed_rows", &embed_rows, "rows of an fp32 [N, K] table or of its repacked Q4_1 / Q8_0 groups, as fp32",
         no_gil);
   m.def("decode_layers", &decode_layers, "a Llama-family decode step from the embeddings to the final norm (B rows, one token each)",
         no_gil);

@@ -57,7 +57,7 @@ class FastLlama:
         self.groups = self.num_heads // self.num_kv_heads
         self.eps = config.rms_norm_eps
         self.scaling = self.head_dim ** -0.5
-        self.embed = model.model.embed_tokens.weight
+        self.embed: torch.Tensor | None = model.model.embed_tokens.weight   # None where embed_blocks serve
         self.final_norm = model.model.norm.weight
         head = model.lm_head.weight
         # Our kernels serve compact decode weights of an fp32 model on CPU; a GGUF-sourced model's matrices are
@@ -65,6 +65,9 @@ class FastLlama:
         kernels = compact_kernels(head, compact_decode_weights)
         self.lm_head = Linear(head, compact=compact_decode_weights, blocks=gguf_weights.blocks_for(
             gguf, kernels, gguf_weights.head_tensor_names(gguf), head))
+        self.embed_kernels, self.embed_blocks = kernels, self._embedding_blocks(model, gguf, kernels)
+        if self.embed_blocks is not None:
+            self.embed = None
         self.rotary = model.model.rotary_emb
         self.layers: list[LayerWeights] = []
         for index, layer in enumerate(model.model.layers):
@@ -87,8 +90,8 @@ class FastLlama:
                 module.weight = None
         self._release_checkpoint(model)
         # GPUs, opt-in: the layers' small operations run as fused Triton kernels (fused_ops).
-        self.fused = fused_gpu_ops and paged_decode.available(self.embed.device)
-        if self.fused and self.embed.dtype in (torch.bfloat16, torch.float16):   # fp32 keeps cuBLAS (see gpu_gemv)
+        self.fused = fused_gpu_ops and paged_decode.available(self.final_norm.device)
+        if self.fused and self.final_norm.dtype in (torch.bfloat16, torch.float16):   # fp32 keeps cuBLAS (see gpu_gemv)
             for linear in [self.lm_head] + [getattr(w, name) for w in self.layers for name in LINEAR_NAMES]:
                 linear.gpu_gemv = linear.weight is not None
         # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp),
@@ -106,6 +109,36 @@ class FastLlama:
                     empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(),
                     w.post_norm.contiguous(), w.gate_up.compact(), w.down.compact())]
 
+    def _embedding_blocks(self, model: torch.nn.Module, gguf: gguf_weights.GGUFBlocks | None, kernels
+                          ) -> torch.Tensor | None:
+        """The GGUF's blocks of the token embedding where they are exactly it (a tied embedding's are the LM
+        head's): rows are dequantised as they are looked up (embed_rows, the one-call kernel), and the fp32 table
+        is dropped (SmolLM2: 108 MiB). None where there are none: the fp32 table stays."""
+        if gguf is None or kernels is None:
+            return None
+        embedding = model.model.embed_tokens
+        tied = model.lm_head.weight is embedding.weight
+        if tied and self.lm_head.blocks is not None and gguf_weights.head_tensor_names(gguf) == ["token_embd.weight"]:
+            blocks = self.lm_head.blocks[1]
+        else:
+            found = gguf_weights.blocks_for(gguf, kernels, ["token_embd.weight"], embedding.weight)
+            if found is None:
+                return None
+            blocks = found[1]
+        embedding.weight = None
+        if tied:
+            model.lm_head.weight = None
+        return blocks
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_blocks is None:
+            return F.embedding(input_ids, self.embed)
+        return self.embed_kernels.embed_rows(input_ids, self.embed_blocks, self.final_norm.numel())
+
+    def _rotary_probe(self) -> torch.Tensor:
+        """A row in the model's dtype and device: the rotary module takes its dtype and device from it."""
+        return self.final_norm.new_zeros(1, self.final_norm.numel())
+
     def _release_checkpoint(self, model: torch.nn.Module) -> None:
         """transformers maps the checkpoint file, and each weight it loads on a CPU is a view of that mapping. Where
         every matrix now lives in a copy of ours (oneDNN's packed fp32, or GGUF blocks), the embedding and norms left
@@ -113,7 +146,7 @@ class FastLlama:
         mapping go (resident after load 1,214 -> 806 MiB). Elsewhere the matrices are still views of the file, so
         copies would only add memory."""
         linears = [self.lm_head] + [getattr(w, name) for w in self.layers for name in LINEAR_NAMES]
-        if self.embed.device.type != "cpu" or any(linear.weight is not None for linear in linears):
+        if self.final_norm.device.type != "cpu" or any(linear.weight is not None for linear in linears):
             return
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
@@ -126,14 +159,14 @@ class FastLlama:
         if getattr(self.rotary, "rope_type", None) not in ("default", "linear", "llama3", "yarn") \
                 or not 0 < positions <= ROTARY_TABLE_POSITIONS:
             return None
-        probe = self.embed[:1]
+        probe = self._rotary_probe()
         parts = [self.rotary(probe.unsqueeze(0), torch.arange(start, min(start + 8192, positions),
                                                                device=probe.device).unsqueeze(0))
                  for start in range(0, positions, 8192)]
         return torch.cat([c[0] for c, _ in parts]), torch.cat([s[0] for _, s in parts])
 
     def _fits_decode_kernel(self) -> bool:
-        return (self.lm_head.kernels is not None and self.embed.dtype == torch.float32 and self.head_dim % 8 == 0
+        return (self.lm_head.kernels is not None and self.final_norm.dtype == torch.float32 and self.head_dim % 8 == 0
                 and all(w.o.bias is None and (w.qkv.bf16 is not None or w.qkv.blocks is not None) for w in self.layers))
 
     def _fused_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_layers: int | None
@@ -205,7 +238,7 @@ class FastLlama:
                 and step.decode_slots is not None
                 and step.num_decode == tokens <= COMPACT_ROWS and step.k_cache[0].dtype in KERNEL_CACHE_DTYPES):
             return self.lm_head(self._decode_kernel_rows(input_ids, positions, keep, num_layers)), None
-        x = F.embedding(input_ids, self.embed)
+        x = self._embed(input_ids)
         if self.rotary_table is not None:
             cos, sin = (table.index_select(0, positions).unsqueeze(0) for table in self.rotary_table)
         else:
@@ -223,11 +256,12 @@ class FastLlama:
         if self.rotary_table is not None:
             cos, sin = self.rotary_table
         else:   # RoPE types whose angles depend on the step: this step's rows, in row order
-            cos, sin = (part[0] for part in self.rotary(self.embed[:1].unsqueeze(0), positions.unsqueeze(0)))
+            cos, sin = (part[0] for part in self.rotary(self._rotary_probe().unsqueeze(0), positions.unsqueeze(0)))
             positions = torch.arange(input_ids.shape[0])
         layers = len(self.layers) if num_layers is None else num_layers
         rows = self.decode_kernels.decode_layers(
-            input_ids, self.embed, positions, cos, sin, step.slot_mapping, step.decode_slots, step.decode_lengths,
+            input_ids, self.embed if self.embed_blocks is None else self.embed_blocks, positions, cos, sin,
+            step.slot_mapping, step.decode_slots, step.decode_lengths,
             step.k_cache[:layers], step.v_cache[:layers], self.decode_weights[:WEIGHTS_PER_LAYER * layers],
             self.final_norm, self.num_heads, self.num_kv_heads, self.head_dim,
             self.layers[0].down.in_features if self.layers else 0, self.eps, self.scaling)

@@ -53,6 +53,26 @@ def test_block_kernel_equals_dequantized_product(kernels, kind, rows):
                                atol=1e-4, rtol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("kind", KINDS)
+def test_embedding_rows_from_blocks_are_the_dequantised_rows_bit_for_bit(kernels, kind):
+    """A GGUF-sourced model's embedding is looked up from its blocks: each row must be exactly the row of the fp32
+    model (its dequantisation), the zero rows after the last included, and an id past them refused."""
+    rng = np.random.default_rng(7)
+    weight = rng.standard_normal((37, 96)).astype(np.float32) * 3
+    blocks = quants.quantize(weight, KINDS[kind])
+    dense = torch.from_numpy(quants.dequantize(blocks, KINDS[kind]))
+    groups = torch.from_numpy(gguf_weights.repack(kind, blocks))
+    ids = torch.tensor([36, 0, 5, 5, 17, 8, 9, 31])
+    assert torch.equal(kernels.embed_rows(ids, groups, 96), dense[ids])
+    assert torch.equal(kernels.embed_rows(torch.arange(37), groups, 96), dense)
+    assert torch.equal(kernels.embed_rows(torch.tensor([47]), groups, 96), torch.zeros(1, 96))   # padding
+    assert torch.equal(kernels.embed_rows(ids, dense, 96), dense[ids])   # an fp32 table too
+    for bad in (-1, 48):
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):
+            kernels.embed_rows(torch.tensor([bad]), groups, 96)
+
+
 def _decode_ready_engine(runner: ModelRunner, prompts: list[list[int]]) -> Engine:
     """An engine (loop not started) whose sequences have all been prefilled: its next step is a plain decode."""
     engine = Engine(runner, max_num_seqs=64, max_num_batched_tokens=4096, max_waiting=64)
@@ -274,6 +294,12 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
     assert all(linear.packed is None and linear.weight is None
                for linear in [fast.lm_head] + [getattr(w, name) for w in fast.layers for name in LINEAR_NAMES])
     assert [down.bytes_read(rows) for rows in (1, 3, COMPACT_ROWS, COMPACT_ROWS + 1, 2048)] == [down.blocks[1].nbytes] * 5
+    # The tied embedding is the head's blocks too: no fp32 table is kept, and its rows are the fp32 model's.
+    reference = AutoModelForCausalLM.from_pretrained(quantized_tiny_dir).eval()
+    table = reference.model.embed_tokens.weight.detach()
+    assert fast.embed is None and fast.embed_blocks is fast.lm_head.blocks[1]
+    assert runner.model.model.embed_tokens.weight is None
+    assert torch.equal(kernels.embed_rows(torch.arange(table.shape[0]), fast.embed_blocks, table.shape[1]), table)
     # Steps of 1, 2, 5 (rows reading the blocks, up to 3 at a time) and 13 rows (dequantised panels) read the
     # blocks, in one kernel call and on the eager path alike.
     texts = ("The capital of France is", "def add(a, b):", "Once upon a time", "1, 2, 3,", "Bonjour")
@@ -282,7 +308,6 @@ def test_gguf_sourced_model_decodes_from_its_blocks(kernels, quantized_tiny_dir,
         kernel_logits, eager_logits = _decode_logits_both_ways(runner, _decode_ready_engine(runner, prompts))
         torch.testing.assert_close(kernel_logits, eager_logits, atol=2e-4, rtol=1e-4)
     # The same weights as the fp32 model: greedy output equals transformers' on the dequantised model.
-    reference = AutoModelForCausalLM.from_pretrained(quantized_tiny_dir).eval()
     engine = Engine(runner, max_num_seqs=4, max_num_batched_tokens=2048, max_waiting=16)
     engine.start()
     try:
