@@ -469,15 +469,16 @@ void dequantize_row(const uint8_t* groups, int64_t K, int64_t row, float* out) {
   }
 }
 
-// Is `table` the repacked groups of an [N, K] matrix (Q4_1: true), not an fp32 [N, K] one? Its row count then
-// holds the rows rounded up to 16 (zero rows after the last).
+// Is `table` the repacked groups of a matrix of K columns (Q4_1: true), not an fp32 [N, K] one? Its groups hold
+// the rows rounded up to 16 (zero rows after the last): 8 rows each.
 bool quantized_table(const torch::Tensor& table, int64_t K, bool& q4) {
   if (table.scalar_type() != torch::kUInt8) return false;
-  TORCH_CHECK(table.dim() == 2 && table.is_contiguous() && K > 0 && K % 32 == 0 &&
-                  (table.size(1) == K / 32 * group_block_bytes<true>() ||
-                   table.size(1) == K / 32 * group_block_bytes<false>()),
-              "a quantized table must be the contiguous repacked groups of an [N, K] matrix");
-  q4 = table.size(1) == K / 32 * group_block_bytes<true>();
+  q4 = table.dim() == 2 && table.size(1) == K / 32 * group_block_bytes<true>();
+  if (q4)
+    check_groups<true>(table, K, table.size(0) * 8);
+  else
+    check_groups<false>(table, K, table.size(0) * 8);
+  TORCH_CHECK(table.is_contiguous(), "the repacked groups must be contiguous");
   return true;
 }
 

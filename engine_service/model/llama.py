@@ -92,7 +92,7 @@ class FastLlama:
         # GPUs, opt-in: the layers' small operations run as fused Triton kernels (fused_ops).
         self.fused = fused_gpu_ops and paged_decode.available(self.final_norm.device)
         if self.fused and self.final_norm.dtype in (torch.bfloat16, torch.float16):   # fp32 keeps cuBLAS (see gpu_gemv)
-            for linear in [self.lm_head] + [getattr(w, name) for w in self.layers for name in LINEAR_NAMES]:
+            for linear in self._linears():
                 linear.gpu_gemv = linear.weight is not None
         # Plain decode steps of up to COMPACT_ROWS rows run every layer in one call of our kernel (cpu_kernels.cpp),
         # reading the compact weights (GGUF blocks where the model came from a GGUF file, else bf16).
@@ -108,6 +108,9 @@ class FastLlama:
                     w.input_norm.contiguous(), w.qkv.compact(),
                     empty if w.qkv.bias is None else w.qkv.bias.float().contiguous(), w.o.compact(),
                     w.post_norm.contiguous(), w.gate_up.compact(), w.down.compact())]
+
+    def _linears(self) -> list[Linear]:
+        return [self.lm_head] + [getattr(w, name) for w in self.layers for name in LINEAR_NAMES]
 
     def _embedding_blocks(self, model: torch.nn.Module, gguf: gguf_weights.GGUFBlocks | None, kernels
                           ) -> torch.Tensor | None:
@@ -145,8 +148,7 @@ class FastLlama:
         would hold the whole file resident (SmolLM2: 513 MiB of it for 108 MiB of tensors); copies of them let the
         mapping go (a ModelRunner with 16 MiB of KV cache, resident after load: 1,214 -> 761 MiB). Elsewhere the
         matrices are still views of the file, so copies would only add memory."""
-        linears = [self.lm_head] + [getattr(w, name) for w in self.layers for name in LINEAR_NAMES]
-        if self.final_norm.device.type != "cpu" or any(linear.weight is not None for linear in linears):
+        if self.final_norm.device.type != "cpu" or any(linear.weight is not None for linear in self._linears()):
             return
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
